@@ -1,0 +1,249 @@
+"""Configuration: one typed dataclass tree, loaded from YAML, overridden by flags, validated once.
+
+Every problem raises `ConfigError` naming the field (dotted path) and what is allowed; jobs turn
+it into exit code 2. YAML is read with `yaml.safe_load`: configs never evaluate code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("style", "instance", "memorized", "unsafe")
+PARAM_GROUPS = ("xattn-kv", "xattn", "embedding", "full", "lora")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MATCH_MODES = ("model", "noise")
+MAX_PROMPT_CHARS = 1000
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclasses.dataclass
+class ConceptSpec:
+    """What to remove (`target`), what to draw instead (`anchor`), and what must survive."""
+
+    target: str = "striped"
+    anchor: str = "plain"
+    kind: str = "style"
+    name: str = ""  # a file-system-safe id; derived from target when empty
+    # Captions that contain the target. Empty: built from `templates` or the toy world.
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    prompt_file: str = ""  # one prompt per line, UTF-8
+    # Templates with "{}" where the concept word goes, e.g. "a painting of a house, in the style of {}".
+    templates: list[str] = dataclasses.field(default_factory=list)
+    synonyms: list[str] = dataclasses.field(default_factory=list)  # other names of the target, used in training
+    paraphrases: list[str] = dataclasses.field(default_factory=list)  # held out: used only to measure leakage
+    neighbours: list[str] = dataclasses.field(default_factory=list)  # concepts that must survive
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    concept: ConceptSpec = dataclasses.field(default_factory=ConceptSpec)
+    model: str = ""  # diffusers folder or hub id; empty = the bundled toy pipeline
+    clip: str = ""  # open_clip "ARCH/PRETRAINED" or a folder; empty = the bundled toy CLIP
+    # matcher
+    param_group: str = "xattn-kv"
+    lora_rank: int = 4
+    # loss
+    match: str = "model"
+    w_match: float = 1.0
+    w_reg: float = 1.0
+    w_pres: float = 1.0
+    w_con: float = 0.1
+    w_adv: float = 0.02
+    margin: float = 0.01
+    clip_threshold: float = 0.75
+    # optimisation
+    lr_matcher: float = 1e-3
+    lr_disc: float = 2e-4
+    steps: int = 200
+    batch_size: int = 8
+    seed: int = 0
+    # data
+    num_anchor_images: int = 64
+    anchor_steps: int = 20
+    guidance_scale: float = 4.0
+    # scale-out
+    zero_stage: int = 2
+    num_workers: int = 2
+    use_gpu: bool = False
+    precision: str = "fp32"
+    report_every: int = 20
+    checkpoint_every: int = 100
+    storage_path: str = ""  # Ray Train storage (local folder or s3://, gs://); empty = <output_dir>/ray
+    # evaluation
+    eval_images: int = 32
+    eval_steps: int = 20
+    eval_seed: int = 1000
+
+
+# --- loading and validation -------------------------------------------------------------------
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list of {inner.__name__}, got {type(value).__name__} {value!r}")
+        return [_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(tp)
+
+
+def _from_dict(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(path or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        fpath = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(fpath, f"unknown key; allowed: {', '.join(sorted(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, fpath)
+        else:
+            kwargs[key] = _check_type(fpath, value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> AblationConfig:
+    """Build and validate a config from a plain dict (YAML's shape)."""
+    cfg = _from_dict(AblationConfig, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AblationConfig:
+    """Load YAML (or the defaults when `path` is None), apply dotted-key `overrides`, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("config", f"file does not exist: {p}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("config", f"{p} is not UTF-8 text: {e}") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"malformed YAML in {p}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"{p} must hold a mapping at the top level, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+def to_dict(cfg: AblationConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: AblationConfig, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def concept_name(spec: ConceptSpec) -> str:
+    """The concept's file-system-safe id."""
+    if spec.name:
+        return spec.name
+    return re.sub(r"[^A-Za-z0-9]+", "-", spec.target).strip("-").lower()[:64] or "concept"
+
+
+def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> AblationConfig:
+    """Check every field once; raise ConfigError naming the first bad one."""
+    c = cfg.concept
+    if not c.target.strip():
+        raise ConfigError("concept.target", "must not be empty")
+    if not c.anchor.strip():
+        raise ConfigError("concept.anchor", "must not be empty")
+    if c.target.strip().lower() == c.anchor.strip().lower():
+        raise ConfigError("concept.anchor", f"must differ from concept.target (both are {c.target!r})")
+    if c.kind not in KINDS:
+        raise ConfigError("concept.kind", f"unknown kind {c.kind!r}; allowed: {', '.join(KINDS)}")
+    if c.name and (not _SAFE_NAME.match(c.name) or ".." in c.name):
+        raise ConfigError("concept.name", f"{c.name!r} is not a safe name: use letters, digits, '-', '_', '.' "
+                                          "(no '/' or '..'), at most 64 characters")
+    for i, p in enumerate(c.prompts):
+        if not p.strip():
+            raise ConfigError(f"concept.prompts[{i}]", "is empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ConfigError(f"concept.prompts[{i}]", f"is {len(p)} characters long; at most {MAX_PROMPT_CHARS}")
+    for i, t in enumerate(c.templates):
+        if "{}" not in t:
+            raise ConfigError(f"concept.templates[{i}]", f"must contain '{{}}' where the concept goes: {t!r}")
+    if cfg.param_group not in PARAM_GROUPS:
+        raise ConfigError("param_group", f"unknown parameter group {cfg.param_group!r}; allowed: {', '.join(PARAM_GROUPS)}")
+    if cfg.match not in MATCH_MODES:
+        raise ConfigError("match", f"unknown match mode {cfg.match!r}; allowed: {', '.join(MATCH_MODES)}")
+    for name in ("lr_matcher", "lr_disc"):
+        v = getattr(cfg, name)
+        if not (v > 0) or not math.isfinite(v):
+            raise ConfigError(name, f"must be a finite number > 0, got {v}")
+    for name in ("w_match", "w_reg", "w_pres", "w_con", "w_adv", "margin"):
+        v = getattr(cfg, name)
+        if not (v >= 0) or not math.isfinite(v):
+            raise ConfigError(name, f"must be a finite number >= 0, got {v}")
+    if not -1.0 <= cfg.clip_threshold <= 1.0:
+        raise ConfigError("clip_threshold", f"must lie in [-1, 1] (a cosine similarity), got {cfg.clip_threshold}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("zero_stage", f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError("precision", f"unknown precision {cfg.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if cfg.precision == "fp16":
+        if not cfg.use_gpu:
+            raise ConfigError("precision", "fp16 is not supported on CPU (DeepSpeed refuses it); use fp32 or bf16")
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            raise ConfigError("precision", "fp16 needs a GPU and none is visible; use fp32 or bf16")
+    for name in ("steps", "batch_size", "num_workers", "num_anchor_images", "anchor_steps", "eval_images",
+                 "eval_steps", "report_every", "checkpoint_every", "lora_rank"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.guidance_scale < 1.0:
+        raise ConfigError("guidance_scale", f"must be >= 1, got {cfg.guidance_scale}")
+    return cfg

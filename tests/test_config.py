@@ -1,0 +1,106 @@
+"""Config loading and validation: every bad value names its field."""
+import pytest
+
+from rayablate.config import AblationConfig, ConfigError, config_from_dict, load_config, validate
+
+
+def bad(data, field):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert e.value.field == field, str(e.value)
+    assert field in str(e.value)
+    return str(e.value)
+
+
+def test_defaults_are_valid():
+    cfg = config_from_dict({})
+    assert cfg.param_group == "xattn-kv" and cfg.zero_stage == 2 and cfg.precision == "fp32"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("concept:\n  target: zorb\n  anchor: circle\n  kind: instance\nsteps: 50\n")
+    cfg = load_config(p, {"lr_matcher": 1e-4, "concept.neighbours": ["kubo"]})
+    assert (cfg.concept.target, cfg.concept.kind, cfg.steps, cfg.lr_matcher) == ("zorb", "instance", 50, 1e-4)
+    assert cfg.concept.neighbours == ["kubo"]
+
+
+def test_target_equal_to_anchor():
+    msg = bad({"concept": {"target": "Cat", "anchor": "cat"}}, "concept.anchor")
+    assert "differ" in msg
+
+
+def test_empty_target():
+    bad({"concept": {"target": "  "}}, "concept.target")
+
+
+def test_unknown_param_group_lists_the_allowed_ones():
+    msg = bad({"param_group": "attention"}, "param_group")
+    assert "xattn-kv" in msg and "lora" in msg
+
+
+def test_unknown_kind():
+    bad({"concept": {"kind": "painting"}}, "concept.kind")
+
+
+@pytest.mark.parametrize("field", ["lr_matcher", "lr_disc"])
+@pytest.mark.parametrize("value", [0, -1e-4])
+def test_non_positive_learning_rate(field, value):
+    bad({field: value}, field)
+
+
+@pytest.mark.parametrize("value", [-1.01, 1.5])
+def test_clip_threshold_outside_minus_one_one(value):
+    bad({"clip_threshold": value}, "clip_threshold")
+
+
+def test_clip_threshold_edges_are_allowed():
+    assert config_from_dict({"clip_threshold": -1.0}).clip_threshold == -1.0
+    assert config_from_dict({"clip_threshold": 1.0}).clip_threshold == 1.0
+
+
+@pytest.mark.parametrize("value", [-1, 4])
+def test_zero_stage_outside_0_to_3(value):
+    bad({"zero_stage": value}, "zero_stage")
+
+
+def test_fp16_on_cpu_is_refused():
+    msg = bad({"precision": "fp16"}, "precision")
+    assert "CPU" in msg
+
+
+def test_fp16_with_use_gpu_but_no_cuda_is_refused():
+    cfg = AblationConfig(precision="fp16", use_gpu=True)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, cuda_available=False)
+    assert e.value.field == "precision"
+    assert validate(cfg, cuda_available=True) is cfg
+
+
+def test_unknown_key_and_wrong_type_name_the_field():
+    bad({"lr_matcherr": 1e-4}, "lr_matcherr")
+    bad({"steps": "ten"}, "steps")
+    bad({"concept": {"neighbours": "kubo"}}, "concept.neighbours")
+    bad({"use_gpu": "yes"}, "use_gpu")
+
+
+def test_unsafe_concept_name_is_refused():
+    bad({"concept": {"name": "../escape"}}, "concept.name")
+    bad({"concept": {"name": "a/b"}}, "concept.name")
+
+
+def test_malformed_yaml_and_non_mapping(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("concept: [unclosed\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_yaml_never_evaluates_code(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("steps: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(p)
