@@ -1,0 +1,352 @@
+"""Pretraining of the toy world's models, stage by stage, each resumable from its work folder.
+
+Stages: `data` (renders + captions), `probe`, `clip`, `vae`, `sd` (UNet + text encoder
+with caption dropout, EMA), `export` (writes the bundle). Every stage writes its result
+to `work_dir` and is skipped when that result exists, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import models, world
+from .tokenizer import build_tokenizer
+
+STAGES = ("data", "probe", "clip", "vae", "sd", "export")
+
+
+def _log(msg: str) -> None:
+    print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- data -------------------------------------------------------------------------------
+
+def stage_data(work: Path, seed: int, n: int) -> None:
+    out = work / "data.npz"
+    if out.exists():
+        return
+    t = time.time()
+    images, captions, labels = world.sample(n, seed)
+    tmp = work / "data.tmp.npz"
+    np.savez_compressed(tmp, images=images, captions=np.array(captions), labels=labels)
+    tmp.rename(out)
+    _log(f"data: {n} renders in {time.time() - t:.0f}s")
+
+
+def load_data(work: Path):
+    d = np.load(work / "data.npz")
+    return d["images"], [str(c) for c in d["captions"]], d["labels"]
+
+
+def to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0
+
+
+# --- probe ------------------------------------------------------------------------------
+
+def junk_images(real: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Images that are not renders: noise, blurs, blends, degraded renders, flat colours."""
+    n = real.shape[0]
+    kinds = torch.randint(0, 6, (n,), generator=g)
+    out = torch.empty_like(real)
+    for i in range(n):
+        k = int(kinds[i])
+        if k == 0:
+            out[i] = torch.rand(real.shape[1:], generator=g)
+        elif k == 1:
+            out[i] = (0.5 + 0.3 * torch.randn(real.shape[1:], generator=g)).clamp(0, 1)
+        elif k == 2:
+            blur = F.avg_pool2d(torch.rand(1, *real.shape[1:], generator=g), 5, 1, 2)[0]
+            out[i] = ((blur - blur.mean()) * 4 + 0.6).clamp(0, 1)
+        elif k == 3:
+            j = int(torch.randint(0, n, (1,), generator=g))
+            out[i] = 0.5 * real[i] + 0.5 * real[j].flip(-1)
+        elif k == 4:
+            out[i] = (real[i] + 0.35 * torch.randn(real.shape[1:], generator=g)).clamp(0, 1)
+        else:
+            out[i] = torch.rand(3, 1, 1, generator=g).expand_as(real[i]).clone()
+    return out
+
+
+def stage_probe(work: Path, seed: int, steps: int = 1500) -> None:
+    out = work / "probe.safetensors"
+    if out.exists():
+        return
+    images, _, labels = load_data(work)
+    x_all, y_all = to_tensor(images), torch.from_numpy(labels)
+    n_train = int(0.9 * len(x_all))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    probe = models.AttributeProbe()
+    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    t = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (96,), generator=g)
+        x, y = x_all[idx], y_all[idx]
+        x = (x + 0.03 * torch.randn(x.shape, generator=g) * torch.rand(len(x), 1, 1, 1, generator=g)).clamp(0, 1)
+        junk = junk_images(x[:32], g)
+        logits = probe(torch.cat([x, junk]))
+        loss = sum(F.cross_entropy(logits[k][:96], y[:, i]) for i, k in enumerate(("object", "colour", "pattern")))
+        valid = torch.cat([torch.ones(96), torch.zeros(32)]).long()
+        loss = loss + F.cross_entropy(logits["valid"], valid)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            _log(f"probe step {step}/{steps} loss {loss.item():.4f} ({time.time() - t:.0f}s)")
+    probe.eval()
+    acc = probe_accuracy(probe, x_all[n_train:], y_all[n_train:])
+    _log(f"probe held-out accuracy: {acc}")
+    save_file(probe.state_dict(), str(out))
+    (work / "probe_metrics.json").write_text(json.dumps(acc))
+
+
+@torch.no_grad()
+def probe_accuracy(probe, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    logits = {k: torch.cat([probe(x[i:i + 512])[k] for i in range(0, len(x), 512)]) for k in probe.heads}
+    acc = {k: (logits[k].argmax(1) == y[:, i]).float().mean().item() for i, k in enumerate(("object", "colour", "pattern"))}
+    acc["valid"] = (logits["valid"].argmax(1) == 1).float().mean().item()
+    return acc
+
+
+# --- tiny CLIP --------------------------------------------------------------------------
+
+def stage_clip(work: Path, seed: int, steps: int = 2500) -> None:
+    import open_clip
+
+    out = work / "clip.safetensors"
+    if out.exists():
+        return
+    tok = build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH)
+    images, captions, labels = load_data(work)
+    x_all, y_all = to_tensor(images), torch.from_numpy(labels)
+    ids_all = tokenize(tok, captions)
+    n_train = int(0.9 * len(x_all))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cfg = models.clip_config(len(tok))
+    model = open_clip.CLIP(**cfg)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    t = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (256,), generator=g)
+        x, y, ids = x_all[idx], y_all[idx], ids_all[idx]
+        img = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+        txt = F.normalize(model.encode_text(ids), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        # Rows with identical labels are positives too: soft targets instead of the identity.
+        same = (y[:, None, :] == y[None, :, :]).all(-1).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 250 == 0 or step == steps - 1:
+            _log(f"clip step {step}/{steps} loss {loss.item():.4f} ({time.time() - t:.0f}s)")
+    model.eval()
+    save_file(model.state_dict(), str(out))
+    (work / "clip_config.json").write_text(json.dumps(cfg))
+
+
+def tokenize(tok, texts: list[str]) -> torch.Tensor:
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+# --- VAE --------------------------------------------------------------------------------
+
+def stage_vae(work: Path, seed: int, steps: int = 1500) -> None:
+    from diffusers import AutoencoderKL
+
+    out = work / "vae"
+    if (out / "config.json").exists():
+        return
+    images, _, _ = load_data(work)
+    x_all = to_tensor(images) * 2 - 1
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    vae = AutoencoderKL(**models.vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    t = time.time()
+    for step in range(steps):
+        x = x_all[torch.randint(0, len(x_all), (32,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4.0 / max(F.mse_loss(rec, x).item(), 1e-10))
+            _log(f"vae step {step}/{steps} loss {loss.item():.5f} psnr {psnr:.1f} kl {kl.item():.1f} ({time.time() - t:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(x_all[i:i + 512]).latent_dist.mean for i in range(0, 4096, 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    vae.save_pretrained(out, safe_serialization=True)
+
+
+# --- tiny SD: UNet + text encoder ---------------------------------------------------------
+
+def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: int = 64, lr: float = 8e-4) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    ckpt = work / "sd_ckpt.pt"
+    done = work / "sd_done.json"
+    if done.exists():
+        return
+    tok = CLIPTokenizer.from_pretrained(work / "tokenizer") if (work / "tokenizer" / "tokenizer_config.json").exists() \
+        else build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH)
+    tok.save_pretrained(work / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    images, captions, _ = load_data(work)
+    lat_path = work / "latents.pt"
+    if lat_path.exists():
+        mean, logvar = torch.load(lat_path, weights_only=True)
+    else:
+        with torch.no_grad():
+            parts = [vae.encode(to_tensor(images[i:i + 512]) * 2 - 1).latent_dist for i in range(0, len(images), 512)]
+        mean, logvar = torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts])
+        torch.save((mean, logvar), lat_path)
+    sf = vae.config.scaling_factor
+    ids_all = tokenize(tok, captions)
+    empty = tokenize(tok, [""])[0]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**models.unet_config())
+    text = CLIPTextModel(CLIPTextConfig(**models.text_encoder_config(len(tok))))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012)
+    start = 0
+    g = torch.Generator().manual_seed(seed + 3)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)  # our own trusted work file, written below
+        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"]); g.set_state(state["g"]); start = state["step"]
+        _log(f"sd: resumed at step {start}")
+    _log(f"sd: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+         f"text {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M")
+    t0, last_ckpt = time.time(), time.time()
+    step = start
+    while step < steps:
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            _log(f"sd: time budget reached at step {step}")
+            break
+        warm = min(1.0, (step + 1) / 500)
+        for pg in opt.param_groups:
+            pg["lr"] = lr * warm
+        idx = torch.randint(0, len(mean), (batch,), generator=g)
+        z = (mean[idx] + torch.randn(mean[idx].shape, generator=g) * (0.5 * logvar[idx]).exp()) * sf
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        ids[drop] = empty
+        noise = torch.randn(z.shape, generator=g)
+        ts = torch.randint(0, 1000, (batch,), generator=g)
+        zt = noise_sched.add_noise(z, noise, ts)
+        pred = unet(zt, ts, encoder_hidden_states=text(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in ((unet, ema_unet), (text, ema_text)):
+                for p, pe in zip(m.parameters(), e.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        if step % 200 == 0:
+            el = time.time() - t0
+            _log(f"sd step {step}/{steps} loss {loss.item():.4f} ({el / (step - start):.3f}s/step, {el / 60:.1f} min)")
+        if time.time() - last_ckpt > 300 or step == steps:
+            _save_sd_ckpt(ckpt, unet, text, ema_unet, ema_text, opt, g, step)
+            last_ckpt = time.time()
+    _save_sd_ckpt(ckpt, unet, text, ema_unet, ema_text, opt, g, step)
+    ema_unet.save_pretrained(work / "unet", safe_serialization=True)
+    ema_text.save_pretrained(work / "text_encoder", safe_serialization=True)
+    if step >= steps:
+        done.write_text(json.dumps({"steps": step}))
+
+
+def _save_sd_ckpt(path, unet, text, ema_unet, ema_text, opt, g, step) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "g": g.get_state(), "step": step}, tmp)
+    tmp.rename(path)
+
+
+# --- export -----------------------------------------------------------------------------
+
+def stage_export(work: Path, dest: Path) -> None:
+    """Assemble the bundle: a diffusers pipeline folder, the tiny CLIP and the probe."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet"),
+        scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp / "sd", safe_serialization=True)
+    clip_dir = tmp / "clip"
+    clip_dir.mkdir()
+    shutil.copy(work / "clip.safetensors", clip_dir / "open_clip_model.safetensors")
+    shutil.copy(work / "clip_config.json", clip_dir / "open_clip_config.json")
+    CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(clip_dir / "tokenizer")
+    (tmp / "probe").mkdir()
+    shutil.copy(work / "probe.safetensors", tmp / "probe" / "probe.safetensors")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    _log(f"export: bundle written to {dest}")
+
+
+def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 30000, sd_steps: int = 20000,
+        sd_minutes: float | None = None, stages=STAGES) -> None:
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if "data" in stages:
+        stage_data(work, seed, n_images)
+    if "probe" in stages:
+        stage_probe(work, seed)
+    if "clip" in stages:
+        stage_clip(work, seed)
+    if "vae" in stages:
+        stage_vae(work, seed)
+    if "sd" in stages:
+        stage_sd(work, seed, sd_steps, sd_minutes)
+    if "export" in stages:
+        stage_export(work, Path(dest))

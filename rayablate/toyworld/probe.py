@@ -1,0 +1,47 @@
+"""The attribute probe as a judge: "is this concept in this image", the ground truth of the toy world."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..images import as_float_nchw
+from . import world
+from .models import AttributeProbe
+
+_ATTR_VALUES = {"object": world.OBJECTS, "colour": world.COLOURS, "pattern": world.PATTERNS}
+
+
+class ProbeJudge:
+    """Reads images with the attribute probe; rejects images that are not valid renders."""
+
+    def __init__(self, path: str | Path, valid_threshold: float = 0.5, confidence: float = 0.5):
+        self.model = AttributeProbe()
+        self.model.load_state_dict(load_file(str(path)))
+        self.model.eval()
+        self.valid_threshold = valid_threshold
+        self.confidence = confidence
+
+    @torch.no_grad()
+    def probabilities(self, images) -> dict[str, torch.Tensor]:
+        """Softmax probabilities per head for uint8 NxHxWx3 arrays or float Nx3xHxW tensors in [0, 1]."""
+        x = as_float_nchw(images)
+        out = [self.model(x[i:i + 512]) for i in range(0, len(x), 512)]
+        return {k: torch.cat([o[k] for o in out]).softmax(-1) for k in self.model.heads}
+
+    def concept_mask(self, images, concept: str, probs=None) -> np.ndarray:
+        """Boolean per image: a valid render that confidently shows `concept`."""
+        probs = probs or self.probabilities(images)
+        attr = world.attribute_of(concept)
+        p = probs[attr][:, _ATTR_VALUES[attr].index(concept)]
+        valid = probs["valid"][:, 1] > self.valid_threshold
+        return ((p > self.confidence) & valid).numpy()
+
+    def concept_rate(self, images, concept: str, probs=None) -> float:
+        return float(self.concept_mask(images, concept, probs).mean()) if len(images) else float("nan")
+
+    def valid_rate(self, images, probs=None) -> float:
+        probs = probs or self.probabilities(images)
+        return float((probs["valid"][:, 1] > self.valid_threshold).float().mean())

@@ -1,0 +1,51 @@
+"""The toy world's quality bar: does the tiny SD draw each concept when asked, and only then?"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import world
+from .probe import ProbeJudge
+
+# The concepts of the default ablations, their anchors and their neighbours.
+DEFAULT_CONCEPTS = ("striped", "plain", "dotted", "checkered", "zorb", "circle", "kubo", "square")
+
+
+def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: float = 4.0, batch: int = 64):
+    """uint8 NxHxWx3 images for `prompts`, deterministic in `seed`."""
+    import torch
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        res = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                   output_type="np")
+        out.append(np.round(res.images * 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 64, steps: int = 25,
+                  guidance: float = 4.0, seed: int = 1234) -> list[dict]:
+    """Per concept: the rate at which it shows in images of prompts naming it and not naming it."""
+    rows = []
+    for k, concept in enumerate(concepts):
+        naming = [p for p, _ in world.iter_prompts_naming(concept, n, seed + 10 * k)]
+        other = [p for p, _ in world.iter_prompts_not_naming(concept, n, seed + 10 * k + 5)]
+        imgs_n = generate(pipe, naming, seed, steps, guidance)
+        imgs_o = generate(pipe, other, seed + 1, steps, guidance)
+        rows.append({
+            "concept": concept,
+            "rate_when_named": judge.concept_rate(imgs_n, concept),
+            "rate_when_not_named": judge.concept_rate(imgs_o, concept),
+            "valid_rate": judge.valid_rate(np.concatenate([imgs_n, imgs_o])),
+        })
+    return rows
+
+
+def format_table(rows: list[dict], bar_named: float = 0.9, bar_other: float = 0.1) -> str:
+    lines = ["| concept | shown when named (>= 90 %) | shown when not named (<= 10 %) | valid renders | pass |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        ok = r["rate_when_named"] >= bar_named and r["rate_when_not_named"] <= bar_other
+        lines.append(f"| {r['concept']} | {100 * r['rate_when_named']:.1f} % | {100 * r['rate_when_not_named']:.1f} % "
+                     f"| {100 * r['valid_rate']:.1f} % | {'yes' if ok else 'NO'} |")
+    return "\n".join(lines)
