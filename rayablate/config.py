@@ -44,7 +44,8 @@ class ConceptSpec:
     templates: list[str] = dataclasses.field(default_factory=list)
     synonyms: list[str] = dataclasses.field(default_factory=list)  # other names of the target, used in training
     paraphrases: list[str] = dataclasses.field(default_factory=list)  # held out: used only to measure leakage
-    neighbours: list[str] = dataclasses.field(default_factory=list)  # concepts that must survive
+    # Concepts that must survive. The defaults are the toy world's default style ablation.
+    neighbours: list[str] = dataclasses.field(default_factory=lambda: ["dotted", "checkered"])
 
 
 @dataclasses.dataclass

@@ -26,3 +26,11 @@ def tiny_pipe(tiny_sd_path):
     from rayablate.pipeline import load_pipeline
 
     return load_pipeline(tiny_sd_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    """A toy-CLIP folder with random weights."""
+    from rayablate.toyworld.tiny import save_random_clip
+
+    return save_random_clip(tmp_path_factory.mktemp("tiny-clip") / "clip", seed=0)

@@ -76,7 +76,7 @@ def junk_images(real: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def stage_probe(work: Path, seed: int, steps: int = 1500) -> None:
+def stage_probe(work: Path, seed: int, steps: int = 600) -> None:
     out = work / "probe.safetensors"
     if out.exists():
         return
@@ -102,7 +102,7 @@ def stage_probe(work: Path, seed: int, steps: int = 1500) -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             _log(f"probe step {step}/{steps} loss {loss.item():.4f} ({time.time() - t:.0f}s)")
     probe.eval()
     acc = probe_accuracy(probe, x_all[n_train:], y_all[n_train:])
@@ -121,7 +121,7 @@ def probe_accuracy(probe, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 # --- tiny CLIP --------------------------------------------------------------------------
 
-def stage_clip(work: Path, seed: int, steps: int = 2500) -> None:
+def stage_clip(work: Path, seed: int, steps: int = 1200, batch: int = 128) -> None:
     import open_clip
 
     out = work / "clip.safetensors"
@@ -142,7 +142,7 @@ def stage_clip(work: Path, seed: int, steps: int = 2500) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     t = time.time()
     for step in range(steps):
-        idx = torch.randint(0, n_train, (256,), generator=g)
+        idx = torch.randint(0, n_train, (batch,), generator=g)
         x, y, ids = x_all[idx], y_all[idx], ids_all[idx]
         img = F.normalize(model.encode_image((x - mean) / std), dim=-1)
         txt = F.normalize(model.encode_text(ids), dim=-1)
@@ -157,7 +157,7 @@ def stage_clip(work: Path, seed: int, steps: int = 2500) -> None:
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 250 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             _log(f"clip step {step}/{steps} loss {loss.item():.4f} ({time.time() - t:.0f}s)")
     model.eval()
     save_file(model.state_dict(), str(out))
@@ -333,19 +333,20 @@ def stage_export(work: Path, dest: Path) -> None:
     _log(f"export: bundle written to {dest}")
 
 
-def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 30000, sd_steps: int = 20000,
-        sd_minutes: float | None = None, stages=STAGES) -> None:
+def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps: int = 6000,
+        sd_minutes: float | None = None, stages=STAGES, probe_steps: int = 600, clip_steps: int = 1200,
+        vae_steps: int = 1500) -> None:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if "data" in stages:
         stage_data(work, seed, n_images)
     if "probe" in stages:
-        stage_probe(work, seed)
+        stage_probe(work, seed, probe_steps)
     if "clip" in stages:
-        stage_clip(work, seed)
+        stage_clip(work, seed, clip_steps)
     if "vae" in stages:
-        stage_vae(work, seed)
+        stage_vae(work, seed, vae_steps)
     if "sd" in stages:
         stage_sd(work, seed, sd_steps, sd_minutes)
     if "export" in stages:

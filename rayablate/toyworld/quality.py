@@ -49,3 +49,26 @@ def format_table(rows: list[dict], bar_named: float = 0.9, bar_other: float = 0.
         lines.append(f"| {r['concept']} | {100 * r['rate_when_named']:.1f} % | {100 * r['rate_when_not_named']:.1f} % "
                      f"| {100 * r['valid_rate']:.1f} % | {'yes' if ok else 'NO'} |")
     return "\n".join(lines)
+
+
+def clip_zero_shot(scorer, images, labels) -> dict[str, float]:
+    """Zero-shot accuracy of a CLIP per attribute on labelled renders (labels: Nx3 object, colour, pattern).
+
+    Each class's text embedding averages canonical captions over every value of the other attributes.
+    """
+    canon = {
+        "object": [world.OBJECT_WORDS[o][0] for o in world.OBJECTS],
+        "colour": list(world.COLOURS),
+        "pattern": [world.PATTERN_WORDS[p][0] for p in world.PATTERNS],
+    }
+    out = {}
+    for k, attr in enumerate(("object", "colour", "pattern")):
+        classes = []
+        for value in canon[attr]:
+            fields = dict(canon)
+            fields[attr] = [value]
+            classes.append([f"a {c} {p} {o}" for o in fields["object"] for c in fields["colour"]
+                            for p in fields["pattern"]])
+        pred = scorer.zero_shot(images, classes)
+        out[attr] = float((pred == np.asarray(labels)[:, k]).mean())
+    return out

@@ -37,3 +37,20 @@ def save_random_pipeline(path: str | Path, seed: int = 0) -> Path:
     pipe = build_random_pipeline(seed)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def save_random_clip(path: str | Path, seed: int = 0) -> Path:
+    """A toy-CLIP folder (open_clip config + safetensors + tokenizer) with random weights."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path / "tokenizer", models.CONTEXT_LENGTH)
+    torch.manual_seed(seed)
+    cfg = models.clip_config(len(tok))
+    save_file(open_clip.CLIP(**cfg).state_dict(), str(path / "open_clip_model.safetensors"))
+    (path / "open_clip_config.json").write_text(json.dumps(cfg))
+    return path

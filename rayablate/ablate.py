@@ -1,0 +1,144 @@
+"""One concept, end to end: resolve models, check inputs, Ray Data -> Ray Train -> evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from .config import AblationConfig, ConfigError, save_config
+
+
+@dataclasses.dataclass
+class Models:
+    model_path: str  # a local diffusers folder or a hub id
+    clip: str  # a toy-CLIP folder or an open_clip "ARCH/PRETRAINED" name
+    probe: str | None  # the toy world's attribute probe (None for real models)
+    toy: bool
+
+
+def resolve_models(cfg: AblationConfig) -> Models:
+    """The bundled toy world where the config names no model; the config's models otherwise."""
+    from .toyworld import bundle_paths
+
+    toy_paths = None
+    if not cfg.model or not cfg.clip:
+        toy_paths = bundle_paths()
+    model = cfg.model or str(toy_paths["sd"])
+    clip = cfg.clip or str(toy_paths["clip"])
+    toy = not cfg.model
+    return Models(model, clip, str(toy_paths["probe"]) if toy else None, toy)
+
+
+def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = None) -> int:
+    """Everything that can be checked before any output is written. Returns the model's resolution."""
+    from . import prompts as P
+    from .pipeline import PipelineLoadError, _looks_like_path
+
+    if _looks_like_path(models.model_path):
+        path = Path(models.model_path).expanduser()
+        if not path.exists():
+            raise PipelineLoadError(f"model path does not exist: {path}")
+        if not (path / "model_index.json").exists():
+            raise PipelineLoadError(f"not a diffusers pipeline (no model_index.json): {path}")
+    pairs = P.caption_pairs(cfg.concept, 1, cfg.seed, models.toy)  # raises ConfigError without prompts
+    if not pairs:
+        raise ConfigError("concept.prompts", "the prompt list is empty")
+    resolution = _model_resolution(models.model_path)
+    if user_data:
+        from .data import read_user_pairs
+
+        read_user_pairs(user_data, cfg.concept, models.toy, resolution)  # validates every row
+    return resolution
+
+
+def _model_resolution(model_path: str) -> int:
+    p = Path(model_path)
+    try:
+        unet = json.loads((p / "unet" / "config.json").read_text())
+        vae = json.loads((p / "vae" / "config.json").read_text())
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, list) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError):
+        return 512
+
+
+def check_output_dir(out: Path) -> None:
+    out = out.expanduser()
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    if not os.access(probe_dir, os.W_OK):
+        raise PermissionError(f"output folder is not writable: {out}")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path exists and is not a folder: {out}")
+
+
+def init_ray(num_cpus: int | None = None):
+    """Join the cluster at RAY_ADDRESS, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=False,
+                 include_dashboard=False)
+    return ray
+
+
+def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = None, num_actors: int = 1,
+           resume: bool = True, run_name: str | None = None) -> dict:
+    """Ablate one concept; write the delta, metrics.json, report.md, grid.png and loss_curve.png."""
+    from .config import concept_name
+    from .data import build_training_data, data_summary
+    from .evaluate import evaluate
+    from .train import run_training
+
+    t0 = time.time()
+    out = Path(output_dir).expanduser().resolve()
+    models = resolve_models(cfg)
+    check_output_dir(out)
+    check_inputs(cfg, models, user_data)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    init_ray()
+    print(f"[rayablate] ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}", flush=True)
+    print(f"[rayablate] 1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks", flush=True)
+    t = time.time()
+    data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.toy, user_data,
+                                   num_actors=num_actors, resolution=_model_resolution(models.model_path))
+    summary = data_summary(data_dir)
+    print(f"[rayablate]     {summary} in {time.time() - t:.0f}s", flush=True)
+    print(f"[rayablate] 2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
+          f"{cfg.precision}, group {cfg.param_group}", flush=True)
+    import ray
+
+    t = time.time()
+    train = run_training(cfg, ray.data.read_parquet(str(data_dir)), models.model_path, str(out),
+                         run_name=run_name or concept_name(cfg.concept), resume=resume)
+    print(f"[rayablate]     trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})", flush=True)
+    print("[rayablate] 3/3 evaluation", flush=True)
+    metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.toy, models.probe,
+                       train_history=train["metrics"], num_actors=num_actors,
+                       extra={"data": summary, "restarts": train["worker_restarts"],
+                              "train_seconds": train["wall_s"]})
+    metrics["wall_seconds"] = time.time() - t0
+    from .evaluate import _write_json
+
+    _write_json(out / "metrics.json", metrics)
+    print(console_summary(metrics), flush=True)
+    return metrics
+
+
+def console_summary(metrics: dict) -> str:
+    lines = [f"{'group':<24} {'rate before':>11} {'after':>7} {'clip acc':>9} {'after':>7} {'KID':>7}"]
+    for k, m in metrics.items():
+        if not isinstance(m, dict) or "concept" not in m:
+            continue
+        f = lambda v: "–" if v is None else f"{v:.3f}"
+        lines.append(f"{k:<24} {f(m.get('concept_rate_before')):>11} {f(m.get('concept_rate_after')):>7} "
+                     f"{f(m.get('clip_accuracy_before')):>9} {f(m.get('clip_accuracy_after')):>7} {f(m.get('kid')):>7}")
+    lines.append(f"wall time: {metrics.get('wall_seconds', 0):.0f}s")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""The `rayablate` command and the argument parsing shared by the scripts in jobs/.
+
+Bad input of any kind (config, model path, prompts, user data, delta, output folder) ends with a
+one-line `error: ...` naming the problem and exit code 2, before any output is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+# flag -> config field (dotted); flags keep the spelling diffusers users know where one exists.
+OVERRIDES = {
+    "target": ("concept.target", str, "the concept to remove"),
+    "anchor": ("concept.anchor", str, "what to draw instead"),
+    "kind": ("concept.kind", str, "style | instance | memorized | unsafe"),
+    "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
+    "param_group": ("param_group", str, "matcher parameters: xattn-kv | xattn | embedding | full | lora"),
+    "lr_matcher": ("lr_matcher", float, "matcher learning rate (alias --learning_rate)"),
+    "lr_disc": ("lr_disc", float, "discriminator learning rate"),
+    "steps": ("steps", int, "optimizer steps (alias --max_train_steps)"),
+    "batch_size": ("batch_size", int, "rows per worker per step (alias --train_batch_size)"),
+    "num_workers": ("num_workers", int, "Ray Train workers"),
+    "zero_stage": ("zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
+    "precision": ("precision", str, "fp32 | bf16 | fp16 (alias --mixed_precision; fp16 needs a GPU)"),
+    "clip_threshold": ("clip_threshold", float, "CLIP mask threshold on cosine similarity"),
+    "margin": ("margin", float, "contrastive margin"),
+    "w_reg": ("w_reg", float, "anchor regularizer weight"),
+    "w_pres": ("w_pres", float, "preservation weight"),
+    "w_con": ("w_con", float, "contrastive weight (0 disables the term)"),
+    "w_adv": ("w_adv", float, "adversarial weight (0 disables the discriminator)"),
+    "num_anchor_images": ("num_anchor_images", int, "anchor images to generate"),
+    "eval_images": ("eval_images", int, "images per evaluation prompt group"),
+    "seed": ("seed", int, "random seed"),
+    "storage_path": ("storage_path", str, "Ray Train storage: a folder or s3:// / gs:// URI"),
+}
+ALIASES = {"lr_matcher": ["--learning_rate"], "steps": ["--max_train_steps"], "batch_size": ["--train_batch_size"],
+           "precision": ["--mixed_precision"]}
+
+
+def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = None) -> None:
+    ap.add_argument("--config", help="concept YAML (see configs/); flags below override its fields")
+    ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model",
+                    help="diffusers folder or hub id (default: the bundled toy pipeline)")
+    ap.add_argument("--output-dir", default=output_default, help="where results are written")
+    for name, (_, tp, help_) in OVERRIDES.items():
+        flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])
+        ap.add_argument(*flags, dest=name, type=tp, default=None, help=help_)
+    ap.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers and actors")
+
+
+def config_from_args(args):
+    from .config import load_config
+
+    overrides = {field: getattr(args, name) for name, (field, _, _) in OVERRIDES.items()}
+    overrides["model"] = args.model
+    overrides["use_gpu"] = args.use_gpu
+    return load_config(args.config, overrides)
+
+
+def _train(argv) -> int:
+    ap = argparse.ArgumentParser(prog="rayablate train", description=(
+        "Ablate one concept end to end on Ray: anchor images and CLIP masks (Ray Data), matcher + "
+        "discriminator training (Ray Train + DeepSpeed ZeRO), evaluation report. Without arguments it "
+        "ablates the bundled toy world's default style concept ('striped' -> 'plain')."))
+    add_common_flags(ap)
+    ap.add_argument("--user-data", help="extra image-text pairs: a parquet file/folder (columns image, caption) "
+                                        "or a folder of images with .txt captions")
+    ap.add_argument("--num-actors", type=int, default=1, help="actors per Ray Data stage (generation, CLIP)")
+    ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from checkpoints")
+    args = ap.parse_args(argv)
+
+    def run():
+        from .ablate import ablate
+        from .config import concept_name
+
+        cfg = config_from_args(args)
+        out = args.output_dir or os.path.join("outputs", concept_name(cfg.concept))
+        ablate(cfg, out, user_data=args.user_data, num_actors=args.num_actors, resume=not args.no_resume)
+        print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors")
+
+    return guarded(run)
+
+
+def _evaluate(argv) -> int:
+    ap = argparse.ArgumentParser(prog="rayablate evaluate", description=(
+        "Evaluate a matcher delta against its base model: before/after generations (Ray Data), concept "
+        "rate, CLIP accuracy, CLIP score, KID; writes metrics.json, report.md and grid.png."))
+    add_common_flags(ap)
+    ap.add_argument("--delta", required=True, help="matcher_delta.safetensors from a training run")
+    ap.add_argument("--eval-seed", type=int, default=None, help="seed of the evaluation prompts and noise")
+    ap.add_argument("--num-actors", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    def run():
+        from .ablate import check_output_dir, init_ray, resolve_models
+        from .evaluate import evaluate
+        from .pipeline import read_delta
+
+        cfg = config_from_args(args)
+        models = resolve_models(cfg)
+        read_delta(args.delta)  # refuses pickles and foreign files before anything runs
+        out = Path(args.output_dir or "outputs/evaluate")
+        check_output_dir(out)
+        init_ray()
+        evaluate(cfg, models.model_path, args.delta, models.clip, out, models.toy, models.probe,
+                 num_actors=args.num_actors, seed=args.eval_seed)
+        print(f"results in {out}")
+
+    return guarded(run)
+
+
+def _pretrain_toy(argv) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "jobs" / "pretrain_toy.py"
+    sys.argv = ["pretrain_toy.py", *argv]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "pretrain-toy": _pretrain_toy}
+
+
+def guarded(fn) -> int:
+    """Run `fn`; bad input becomes `error: ...` on stderr and exit code 2."""
+    from .clip import ClipLoadError
+    from .config import ConfigError
+    from .data import DataError
+    from .pipeline import DeltaError, PipelineLoadError
+
+    try:
+        fn()
+    except (ConfigError, PipelineLoadError, DeltaError, DataError, ClipLoadError, PermissionError,
+            NotADirectoryError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FloatingPointError as e:
+        print(f"error: training diverged: {e}; no delta was saved for that step", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: rayablate {" + ",".join(COMMANDS) + "} [--help]\n\n"
+              "  train         ablate one concept end to end (Ray Data -> Ray Train + DeepSpeed -> report)\n"
+              "  evaluate      evaluate a matcher delta against its base model\n"
+              "  pretrain-toy  rebuild the bundled toy world")
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
+    return COMMANDS[argv[0]](argv[1:])

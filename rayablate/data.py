@@ -1,0 +1,206 @@
+"""Ray Data: anchor-image generation in actor pools, user image-text pairs, CLIP masks, parquet shards.
+
+Row schema of the training data (what `train.py` reads through `get_dataset_shard`):
+  image (PNG bytes), target_caption (c*), anchor_caption (c), mask (1 ablation / 0 preservation),
+  seed, source ("generated" | "user"), clip_sim (the caption's similarity to the concept).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import prompts as P
+from .config import AblationConfig, ConfigError
+from .images import ImageDecodeError, decode_png, encode_png
+
+USER_COLUMNS = ("image", "caption")
+
+
+class DataError(ValueError):
+    """User-supplied data that cannot be used; the message names the file, row or column."""
+
+
+def _actor_resources(use_gpu: bool) -> dict:
+    # Fractional CPUs: on 2 cores, whole-CPU actors starve Ray Data's read/write tasks and hang.
+    return {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}
+
+
+class AnchorImageGenerator:
+    """Ray Data callable class: generates the image for each row's anchor caption with the frozen pipeline."""
+
+    def __init__(self, model_path: str, steps: int, guidance: float, use_gpu: bool = False):
+        import torch
+
+        from .pipeline import load_pipeline
+
+        torch.set_num_threads(1)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(model_path, device=self.device)
+        self.steps, self.guidance = steps, guidance
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["seed"]]
+        out = self.pipe([str(c) for c in batch["anchor_caption"]], num_inference_steps=self.steps,
+                        guidance_scale=self.guidance, generator=gens, output_type="np")
+        imgs = np.round(out.images * 255).astype(np.uint8)
+        batch["image"] = np.array([encode_png(im) for im in imgs], dtype=object)
+        return batch
+
+
+class ClipMasker:
+    """Ray Data callable class: mask = cos_sim(caption [, image], concept texts) > threshold."""
+
+    def __init__(self, clip_name: str, concept_texts: list[str], threshold: float, image_weight: float = 0.0):
+        import torch
+
+        from .clip import ClipScorer
+
+        torch.set_num_threads(1)
+        self.scorer = ClipScorer.load(clip_name)
+        self.texts, self.threshold, self.image_weight = concept_texts, threshold, image_weight
+
+    def __call__(self, batch: dict) -> dict:
+        caps = [str(c) for c in batch["target_caption"]]
+        sim = self.scorer.concept_similarity(caps, self.texts)
+        if self.image_weight > 0:
+            imgs = np.stack([decode_png(b) for b in batch["image"]])
+            img_sim = (self.scorer.encode_images(imgs) @ self.scorer.encode_text(self.texts).T).max(1).values.numpy()
+            sim = (1 - self.image_weight) * sim + self.image_weight * img_sim
+        mask = (sim > self.threshold).astype(np.int64)
+        batch["clip_sim"] = sim.astype(np.float32)
+        batch["mask"] = mask
+        # Rows the mask leaves out are preservation rows: their anchor caption is their own caption.
+        batch["anchor_caption"] = np.array([a if m else t for a, t, m in
+                                            zip(batch["anchor_if_ablated"], caps, mask)], dtype=object)
+        return batch
+
+
+def prompt_rows(cfg: AblationConfig, toy: bool) -> list[dict]:
+    """Rows to generate: ablation candidates (c*, c) and preservation candidates (c_i, c_i)."""
+    spec = cfg.concept
+    pairs = P.caption_pairs(spec, cfg.num_anchor_images, cfg.seed, toy)
+    keep = P.preservation_captions(spec, max(1, cfg.num_anchor_images // 2), cfg.seed + 1, toy)
+    rows = [{"target_caption": c_star, "anchor_caption": c, "anchor_if_ablated": c} for c_star, c in pairs]
+    rows += [{"target_caption": c, "anchor_caption": c, "anchor_if_ablated": P.anchorize(c, spec, toy)} for c in keep]
+    for i, r in enumerate(rows):
+        r.update(seed=int(cfg.seed * 100003 + i), source="generated")
+    return rows
+
+
+def read_user_pairs(path: str | Path, spec, toy: bool, resolution: int):
+    """User image-text pairs as a Ray Dataset in the training schema (see `load_user_rows`)."""
+    import ray
+
+    return ray.data.from_items(load_user_rows(path, spec, toy, resolution))
+
+
+def load_user_rows(path: str | Path, spec, toy: bool, resolution: int) -> list[dict]:
+    """Validated user image-text pairs: a parquet file/folder with `image` bytes and `caption`, or a
+    folder of images with same-named .txt captions. Any bad row raises DataError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"user data does not exist: {path}")
+    if path.suffix == ".parquet" or (path.is_dir() and list(path.glob("*.parquet"))):
+        import pyarrow.parquet as pq
+
+        files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+        for f in files:
+            try:
+                names = pq.read_schema(f).names
+            except Exception as e:
+                raise DataError(f"{f} is not a readable parquet file: {e}") from e
+            missing = [c for c in USER_COLUMNS if c not in names]
+            if missing:
+                raise DataError(f"{f} lacks column(s) {', '.join(missing)}; user pairs need columns "
+                                f"{', '.join(USER_COLUMNS)}")
+        rows = []
+        for f in files:
+            t = pq.read_table(f, columns=list(USER_COLUMNS)).to_pylist()
+            rows += [dict(r, _where=f"{f.name} row {i}") for i, r in enumerate(t)]
+    elif path.is_dir():
+        rows = []
+        for img in sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")):
+            txt = img.with_suffix(".txt")
+            if not txt.exists():
+                raise DataError(f"{img.name} has no caption file {txt.name}")
+            try:
+                caption = txt.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{txt.name} is not UTF-8 text: {e}") from e
+            rows.append({"image": img.read_bytes(), "caption": caption, "_where": img.name})
+        if not rows:
+            raise DataError(f"{path} holds no images (.png/.jpg/.jpeg/.webp with .txt captions)")
+    else:
+        raise DataError(f"{path}: expected a .parquet file or a folder")
+    return [_user_row(r, spec, toy, resolution, i) for i, r in enumerate(rows)]
+
+
+def _user_row(r: dict, spec, toy: bool, resolution: int, i: int) -> dict:
+    where = r.get("_where", f"row {i}")
+    cap = r.get("caption")
+    if not isinstance(cap, str) or not cap.strip():
+        raise DataError(f"{where}: caption is empty or not text")
+    if not isinstance(r.get("image"), (bytes, bytearray)):
+        raise DataError(f"{where}: image is not bytes")
+    try:
+        img = decode_png(bytes(r["image"]))
+    except ImageDecodeError as e:
+        raise DataError(f"{where}: {e}") from e
+    if img.shape[0] != resolution or img.shape[1] != resolution:
+        raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, the model's resolution is "
+                        f"{resolution}x{resolution}; resize user images to the model's resolution")
+    return {"image": encode_png(img), "target_caption": cap, "anchor_caption": cap,
+            "anchor_if_ablated": P.anchorize(cap, spec, toy), "seed": 10_000_000 + i, "source": "user"}
+
+
+def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, toy: bool,
+                        user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
+                        image_weight: float = 0.0) -> Path:
+    """Generate anchor images, join user pairs, compute CLIP masks; write parquet shards to `out_dir`.
+
+    Written to a temporary folder first and renamed at the end, so a failure leaves nothing behind.
+    Returns the folder of parquet shards.
+    """
+    import ray
+
+    out_dir = Path(out_dir)
+    if (out_dir / "_SUCCESS").exists():
+        return out_dir
+    rows = prompt_rows(cfg, toy)
+    if not rows:
+        raise ConfigError("concept.prompts", "the prompt list is empty")
+    res = _actor_resources(cfg.use_gpu)
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(AnchorImageGenerator, fn_constructor_kwargs=dict(
+        model_path=model_path, steps=cfg.anchor_steps, guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu),
+        batch_size=16, compute=ray.data.ActorPoolStrategy(size=num_actors), **res)
+    if user_data:
+        ds = ds.union(read_user_pairs(user_data, cfg.concept, toy, resolution))
+    concept_texts = [cfg.concept.target, *cfg.concept.synonyms]
+    ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
+        clip_name=clip_name, concept_texts=concept_texts, threshold=cfg.clip_threshold, image_weight=image_weight),
+        batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
+    ds = ds.drop_columns(["anchor_if_ablated"])
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ds.write_parquet(str(tmp))
+    (tmp / "_SUCCESS").write_text("ok\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def data_summary(path: str | Path) -> dict:
+    """Counts of rows, ablation rows and preservation rows of written shards (reads captions only)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(str(path), columns=["mask", "source"])
+    mask = np.asarray(t.column("mask"))
+    return {"rows": int(len(mask)), "ablation_rows": int(mask.sum()), "preservation_rows": int((1 - mask).sum())}
+

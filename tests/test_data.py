@@ -1,0 +1,121 @@
+"""Training data: caption pairs, user pairs and their errors, the Ray Data pipeline."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayablate import prompts as P
+from rayablate.config import ConceptSpec, ConfigError, config_from_dict
+from rayablate.data import DataError, load_user_rows
+from rayablate.images import encode_png
+
+STYLE = ConceptSpec(target="striped", anchor="plain", neighbours=["dotted", "checkered"])
+INSTANCE = ConceptSpec(target="zorb", anchor="circle", kind="instance", neighbours=["kubo", "square"])
+
+
+def test_style_pairs_swap_the_pattern_for_the_anchor():
+    pairs = P.caption_pairs(STYLE, 20, 0, toy=True)
+    assert len(pairs) == 20
+    for c_star, c in pairs:
+        assert "striped" in c_star or "stripes" in c_star
+        assert "plain" in c and "stripe" not in c
+        assert "stripy" not in c_star  # held-out paraphrase never used in training
+
+
+def test_instance_pairs_replace_the_anchor_word_by_the_target():
+    spec = ConceptSpec(target="Grumpy Cat", anchor="cat", kind="instance", prompts=["a photo of a cat on a sofa"])
+    assert P.caption_pairs(spec, 1, 0, toy=False) == [("a photo of a Grumpy Cat on a sofa", "a photo of a cat on a sofa")]
+    for c_star, c in P.caption_pairs(INSTANCE, 10, 0, toy=True):
+        assert "zorb" in c_star and "zorb" not in c and "circle" in c
+
+
+def test_style_templates_for_real_models():
+    spec = ConceptSpec(target="Van Gogh", anchor="painting", templates=["a house, in the style of {}"])
+    assert P.caption_pairs(spec, 2, 0, toy=False) == [("a house, in the style of Van Gogh",
+                                                        "a house, in the style of painting")] * 2
+
+
+def test_no_prompts_for_an_unknown_concept_names_the_field():
+    with pytest.raises(ConfigError) as e:
+        P.caption_pairs(ConceptSpec(target="Van Gogh", anchor="painting"), 4, 0, toy=False)
+    assert e.value.field == "concept.prompts"
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "empty"), ("caf\xe9".encode("latin-1"), "UTF-8")])
+def test_bad_prompt_files(tmp_path, content, msg):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError, match=msg) as e:
+        P.read_prompt_file(f)
+    assert e.value.field == "concept.prompt_file"
+
+
+def img(size=32, value=128):
+    return encode_png(np.full((size, size, 3), value, dtype=np.uint8))
+
+
+def write_parquet(path, table):
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def test_user_parquet_rows_are_validated(tmp_path):
+    ok = write_parquet(tmp_path / "ok.parquet", {"image": [img(), img(value=9)], "caption": ["a red circle", "a b"]})
+    rows = load_user_rows(ok, STYLE, True, 32)
+    assert [r["target_caption"] for r in rows] == ["a red circle", "a b"]
+    assert all(r["source"] == "user" for r in rows)
+
+
+def test_user_parquet_missing_column(tmp_path):
+    f = write_parquet(tmp_path / "m.parquet", {"image": [img()]})
+    with pytest.raises(DataError, match="lacks column.*caption"):
+        load_user_rows(f, STYLE, True, 32)
+
+
+def test_user_parquet_undecodable_image_names_the_row(tmp_path):
+    f = write_parquet(tmp_path / "u.parquet", {"image": [img(), b"not an image"], "caption": ["a", "b"]})
+    with pytest.raises(DataError, match="row 1.*undecodable"):
+        load_user_rows(f, STYLE, True, 32)
+
+
+def test_user_parquet_mixed_sizes_name_the_row(tmp_path):
+    f = write_parquet(tmp_path / "s.parquet", {"image": [img(), img(size=48)], "caption": ["a", "b"]})
+    with pytest.raises(DataError, match="row 1.*48x48"):
+        load_user_rows(f, STYLE, True, 32)
+
+
+def test_user_folder_needs_captions(tmp_path):
+    (tmp_path / "a.png").write_bytes(img())
+    with pytest.raises(DataError, match="no caption file a.txt"):
+        load_user_rows(tmp_path, STYLE, True, 32)
+    (tmp_path / "a.txt").write_text("a red striped circle")
+    assert load_user_rows(tmp_path, STYLE, True, 32)[0]["anchor_if_ablated"] == "a red plain circle"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_clip_path, tmp_path):
+    from rayablate.data import build_training_data, data_summary
+
+    cfg = config_from_dict({"num_anchor_images": 8, "anchor_steps": 2, "clip_threshold": -1.0})
+    user = write_parquet(tmp_path / "user.parquet", {"image": [img()], "caption": ["a red striped circle"]})
+    out = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data", toy=True,
+                              user_data=str(user))
+    rows = pq.read_table(str(out)).to_pylist()
+    assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates, user rows
+    assert data_summary(out)["ablation_rows"] == 13  # threshold -1: every row is masked in
+    assert {"image", "target_caption", "anchor_caption", "mask", "seed", "source", "clip_sim"} <= set(rows[0])
+    assert all(r["anchor_caption"] != r["target_caption"] for r in rows)
+    assert not (tmp_path / "data.tmp").exists()
+    # threshold 1: nothing is masked in; every row preserves its own caption
+    cfg1 = config_from_dict({"num_anchor_images": 8, "anchor_steps": 2, "clip_threshold": 1.0})
+    out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", toy=True)
+    rows1 = pq.read_table(str(out1)).to_pylist()
+    assert all(r["mask"] == 0 and r["anchor_caption"] == r["target_caption"] for r in rows1)
