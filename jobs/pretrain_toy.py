@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-images", type=int, default=20000, help="renders in the training set")
     ap.add_argument("--sd-steps", type=int, default=6000, help="UNet + text encoder training steps")
     ap.add_argument("--sd-minutes", type=float, default=None, help="stop SD training after this many minutes")
+    ap.add_argument("--probe-steps", type=int, default=600)
+    ap.add_argument("--clip-steps", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when processes share cores)")
     ap.add_argument("--skip-quality", action="store_true", help="do not print the quality table at the end")
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
 
     t = time.time()
     pretrain.run(args.work_dir, args.output_dir, seed=args.seed, n_images=args.num_images, sd_steps=args.sd_steps,
-                 sd_minutes=args.sd_minutes, stages=args.stages)
+                 sd_minutes=args.sd_minutes, stages=args.stages, probe_steps=args.probe_steps,
+                 clip_steps=args.clip_steps, vae_steps=args.vae_steps)
     print(f"pretraining took {(time.time() - t) / 60:.1f} min", flush=True)
     if "export" in args.stages and not args.skip_quality:
         from rayablate.pipeline import load_pipeline
