@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when processes share cores)")
+    ap.add_argument("--snapshot", action="store_true",
+                    help="export the latest SD checkpoint's EMA weights into the bundle (while training goes on)")
     ap.add_argument("--skip-quality", action="store_true", help="do not print the quality table at the end")
     args = ap.parse_args(argv)
 
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     from rayablate.toyworld import pretrain
 
     t = time.time()
+    if args.snapshot:
+        pretrain.snapshot_sd(Path(args.work_dir))
+        args.stages = ["export"]
     pretrain.run(args.work_dir, args.output_dir, seed=args.seed, n_images=args.num_images, sd_steps=args.sd_steps,
                  sd_minutes=args.sd_minutes, stages=args.stages, probe_steps=args.probe_steps,
                  clip_steps=args.clip_steps, vae_steps=args.vae_steps)

@@ -20,8 +20,11 @@ class Models:
 
 def resolve_models(cfg: AblationConfig) -> Models:
     """The bundled toy world where the config names no model; the config's models otherwise."""
+    from .pipeline import PipelineLoadError, looks_like_path
     from .toyworld import bundle_paths
 
+    if cfg.model and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
+        raise PipelineLoadError(f"model path does not exist: {Path(cfg.model).expanduser()}")
     toy_paths = None
     if not cfg.model or not cfg.clip:
         toy_paths = bundle_paths()
@@ -34,9 +37,9 @@ def resolve_models(cfg: AblationConfig) -> Models:
 def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = None) -> int:
     """Everything that can be checked before any output is written. Returns the model's resolution."""
     from . import prompts as P
-    from .pipeline import PipelineLoadError, _looks_like_path
+    from .pipeline import PipelineLoadError, looks_like_path
 
-    if _looks_like_path(models.model_path):
+    if looks_like_path(models.model_path):
         path = Path(models.model_path).expanduser()
         if not path.exists():
             raise PipelineLoadError(f"model path does not exist: {path}")

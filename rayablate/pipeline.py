@@ -24,7 +24,7 @@ class DeltaError(ValueError):
 
 # --- load / save ------------------------------------------------------------------------------
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Hub ids look like "owner/name"; anything else (or anything that exists on disk) is a path."""
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         return True
@@ -42,7 +42,7 @@ def load_pipeline(name_or_path: str | os.PathLike, torch_dtype: torch.dtype = to
     quiet_libraries()
     name = str(name_or_path)
     cls = StableDiffusionPipeline
-    if _looks_like_path(name):
+    if looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
             raise PipelineLoadError(f"model path does not exist: {path}")

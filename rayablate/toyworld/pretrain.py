@@ -298,6 +298,23 @@ def _save_sd_ckpt(path, unet, text, ema_unet, ema_text, opt, g, step) -> None:
     tmp.rename(path)
 
 
+def snapshot_sd(work: Path) -> int:
+    """Write the EMA weights of the latest SD checkpoint as diffusers folders (training may go on)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    state = torch.load(work / "sd_ckpt.pt", weights_only=False)  # our own work file
+    tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    unet = UNet2DConditionModel(**models.unet_config())
+    text = CLIPTextModel(CLIPTextConfig(**models.text_encoder_config(len(tok))))
+    unet.load_state_dict(state["ema_unet"])
+    text.load_state_dict(state["ema_text"])
+    unet.save_pretrained(work / "unet", safe_serialization=True)
+    text.save_pretrained(work / "text_encoder", safe_serialization=True)
+    _log(f"snapshot of SD step {state['step']}")
+    return state["step"]
+
+
 # --- export -----------------------------------------------------------------------------
 
 def stage_export(work: Path, dest: Path) -> None:

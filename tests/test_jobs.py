@@ -1,0 +1,111 @@
+"""The jobs as a user runs them: end to end on the bundled toy model, bad inputs, `ray job submit`."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "4", "--num-anchor-images", "8", "--eval-images", "4", "--batch-size", "4",
+        "--num-workers", "2"]
+
+
+def run_job(args, env=None, timeout=900):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--model", "/definitely/not/here"], "model path does not exist"),
+    (["--lr-matcher", "0"], "lr_matcher"),
+    (["--param-group", "attention"], "param_group"),
+    (["--target", "plain"], "concept.anchor"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, extra, msg):
+    out = tmp_path / "out"
+    r = run_job(["jobs/train.py", "--output-dir", str(out), *extra], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert msg in r.stderr and "error:" in r.stderr
+    assert not out.exists()
+
+
+def test_empty_prompt_list_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    cfg.write_text(f"concept:\n  target: Van Gogh\n  anchor: painting\n  prompt_file: {tmp_path / 'prompts.txt'}\n")
+    r = run_job(["jobs/train.py", "--config", str(cfg), "--output-dir", str(tmp_path / "out")], timeout=120)
+    assert r.returncode == 2 and "prompt file" in r.stderr and "empty" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_parquet_row_exits_2(tmp_path):
+    from rayablate.images import encode_png
+
+    good = encode_png(np.zeros((32, 32, 3), np.uint8))
+    pq.write_table(pa.table({"image": [good, b"\x89PNG garbage"], "caption": ["a red circle", "a blue square"]}),
+                   tmp_path / "user.parquet")
+    r = run_job(["jobs/train.py", "--user-data", str(tmp_path / "user.parquet"), "--output-dir",
+                 str(tmp_path / "out")], timeout=120)
+    assert r.returncode == 2 and "row 1" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def check_outputs(out: Path):
+    for f in ("metrics.json", "report.md", "grid.png", "loss_curve.png", "matcher_delta.safetensors", "config.yaml"):
+        assert (out / f).exists(), f
+    m = json.loads((out / "metrics.json").read_text())
+    for group in ("target", "anchor", "neighbours.dotted", "neighbours.checkered", "paraphrases"):
+        for k in ("concept_rate_before", "concept_rate_after", "clip_accuracy_before", "clip_accuracy_after",
+                  "clip_score_before", "clip_score_after"):
+            assert isinstance(m[group][k], float), (group, k)
+    assert "kid" in m["anchor"] and "kid" in m["neighbours.dotted"]
+    assert m["wall_seconds"] > 0 and m["config"]["concept"]["target"] == "striped"
+    assert not list(out.rglob("*.tmp"))
+    return m
+
+
+@pytest.mark.slow
+def test_train_job_end_to_end_on_the_bundled_model(tmp_path):
+    out = tmp_path / "striped"
+    r = run_job(["jobs/train.py", *TINY, "--output-dir", str(out)])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "3/3 evaluation" in r.stdout
+    check_outputs(out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_started_head(tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_TMPDIR=str(tmp_path / "ray"))
+    env.pop("RAY_ADDRESS", None)
+    (tmp_path / "ray").mkdir()
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            "--object-store-memory", str(300 * 1024 ** 2), "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr
+    out = tmp_path / "submitted"
+    try:
+        sub = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                              "--", "python", "jobs/train.py", *TINY, "--output-dir", str(out)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
+        assert "SUCCEEDED" in sub.stdout + sub.stderr
+        check_outputs(out)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
