@@ -86,7 +86,7 @@ def init_ray(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
                  include_dashboard=False)
     return ray
 

@@ -91,28 +91,31 @@ class ClipScorer:
         return F.normalize(torch.cat(out).float(), dim=-1)
 
     # --- masks and metrics -----------------------------------------------------------------
+    def concept_embedding(self, concept_texts: Sequence[str]) -> torch.Tensor:
+        """The concept as one direction: the normalised mean of its texts' embeddings (a prompt ensemble)."""
+        return F.normalize(self.encode_text(concept_texts).mean(0), dim=-1)
+
     def concept_similarity(self, captions: Sequence[str], concept_texts: Sequence[str]) -> np.ndarray:
-        """Per caption: the highest cosine similarity to any of the concept's texts."""
+        """Per caption: cosine similarity to the concept's prompt-ensemble embedding."""
         if not len(captions):
             return np.zeros(0, dtype=np.float32)
-        return (self.encode_text(captions) @ self.encode_text(concept_texts).T).max(1).values.cpu().numpy()
+        return (self.encode_text(captions) @ self.concept_embedding(concept_texts)).cpu().numpy()
 
-    def mask(self, captions: Sequence[str], concept_texts: Sequence[str], threshold: float,
-             images=None, image_weight: float = 0.0) -> np.ndarray:
-        """1 where a row is about the concept: cos_sim(caption [, image], concept) > threshold."""
+    def row_similarity(self, captions: Sequence[str], concept_texts: Sequence[str], images=None,
+                       image_weight: float = 0.0) -> np.ndarray:
+        """The CLIP-mask score of each row: cos(caption [, image], concept); the mask is score > threshold."""
         sim = self.concept_similarity(captions, concept_texts)
         if images is not None and image_weight > 0:
-            img_sim = (self.encode_images(images) @ self.encode_text(concept_texts).T).max(1).values.cpu().numpy()
+            img_sim = (self.encode_images(images) @ self.concept_embedding(concept_texts)).cpu().numpy()
             sim = (1 - image_weight) * sim + image_weight * img_sim
-        return (sim > threshold).astype(np.int64)
+        return sim
 
     def clip_accuracy(self, images, target_texts: Sequence[str], anchor_texts: Sequence[str]) -> float:
         """Share of images CLIP ranks closer to the target than to the anchor (the paper's CLIP accuracy)."""
         if not len(images):
             return float("nan")
         emb = self.encode_images(images)
-        t = F.normalize(self.encode_text(target_texts).mean(0), dim=-1)
-        a = F.normalize(self.encode_text(anchor_texts).mean(0), dim=-1)
+        t, a = self.concept_embedding(target_texts), self.concept_embedding(anchor_texts)
         return float(((emb @ t) > (emb @ a)).float().mean())
 
     def clip_score(self, images, prompts: Sequence[str]) -> float:
@@ -124,5 +127,5 @@ class ClipScorer:
 
     def zero_shot(self, images, class_texts: Sequence[Sequence[str]]) -> np.ndarray:
         """Class index per image; each class is a list of prompts whose embeddings are averaged."""
-        cls = torch.stack([F.normalize(self.encode_text(list(t)).mean(0), dim=-1) for t in class_texts])
+        cls = torch.stack([self.concept_embedding(list(t)) for t in class_texts])
         return (self.encode_images(images) @ cls.T).argmax(1).cpu().numpy()

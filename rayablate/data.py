@@ -2,7 +2,9 @@
 
 Row schema of the training data (what `train.py` reads through `get_dataset_shard`):
   image (PNG bytes), target_caption (c*), anchor_caption (c), mask (1 ablation / 0 preservation),
-  seed, source ("generated" | "user"), clip_sim (the caption's similarity to the concept).
+  seed, source ("generated" | "user"), clip_sim (the caption's similarity to the concept),
+  anchor_if_ablated (the anchor caption the row takes when a threshold masks it in: with clip_sim,
+  the mask can be recomputed for another threshold without generating anything again).
 """
 from __future__ import annotations
 
@@ -65,11 +67,8 @@ class ClipMasker:
 
     def __call__(self, batch: dict) -> dict:
         caps = [str(c) for c in batch["target_caption"]]
-        sim = self.scorer.concept_similarity(caps, self.texts)
-        if self.image_weight > 0:
-            imgs = np.stack([decode_png(b) for b in batch["image"]])
-            img_sim = (self.scorer.encode_images(imgs) @ self.scorer.encode_text(self.texts).T).max(1).values.numpy()
-            sim = (1 - self.image_weight) * sim + self.image_weight * img_sim
+        imgs = np.stack([decode_png(b) for b in batch["image"]]) if self.image_weight > 0 else None
+        sim = self.scorer.row_similarity(caps, self.texts, imgs, self.image_weight)
         mask = (sim > self.threshold).astype(np.int64)
         batch["clip_sim"] = sim.astype(np.float32)
         batch["mask"] = mask
@@ -180,11 +179,10 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         batch_size=16, compute=ray.data.ActorPoolStrategy(size=num_actors), **res)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, toy, resolution))
-    concept_texts = [cfg.concept.target, *cfg.concept.synonyms]
+    concept_texts = P.concept_texts(cfg.concept.target, toy) + list(cfg.concept.synonyms)
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
         clip_name=clip_name, concept_texts=concept_texts, threshold=cfg.clip_threshold, image_weight=image_weight),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
-    ds = ds.drop_columns(["anchor_if_ablated"])
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

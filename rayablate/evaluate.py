@@ -73,19 +73,6 @@ def generate_before_after(groups: list[P.EvalGroup], model_path: str, delta_path
     return {k: {w: np.stack(v) for w, v in d.items() if v and v[0] is not None} for k, d in out.items()}
 
 
-def concept_texts(concept: str, toy: bool) -> list[str]:
-    """Texts that stand for a concept in CLIP accuracy: a prompt ensemble."""
-    if toy and P.is_toy_concept(concept):
-        from .toyworld import world
-
-        attr = world.attribute_of(concept)
-        canon = {"object": [world.OBJECT_WORDS[o][0] for o in world.OBJECTS], "colour": list(world.COLOURS),
-                 "pattern": [world.PATTERN_WORDS[p][0] for p in world.PATTERNS]}
-        canon[attr] = [P.toy_words(concept)[0]]
-        return [f"a {c} {p} {o}" for o in canon["object"] for c in canon["colour"] for p in canon["pattern"]]
-    return [concept, f"a photo of {concept}", f"a painting of {concept}", f"an image in the style of {concept}"]
-
-
 def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
     """Kernel Inception Distance (torchmetrics) with CLIP image features in place of Inception's."""
     import torch
@@ -106,7 +93,7 @@ def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
 def group_metrics(group: P.EvalGroup, imgs: dict[str, np.ndarray], cfg: AblationConfig, scorer, judge, toy: bool,
                   with_kid: bool) -> dict:
     spec = cfg.concept
-    t_texts, a_texts = concept_texts(spec.target, toy), concept_texts(spec.anchor, toy)
+    t_texts, a_texts = P.concept_texts(spec.target, toy), P.concept_texts(spec.anchor, toy)
     m: dict = {"concept": group.concept, "n": len(group.prompts)}
     for when in ("before", "after"):
         if when not in imgs:

@@ -148,3 +148,14 @@ def eval_groups(spec: ConceptSpec, n: int, seed: int, toy: bool) -> list[EvalGro
                                 [temps[i % len(temps)].format(spec.paraphrases[i % len(spec.paraphrases)])
                                  for i in range(n)]))
     return groups
+
+
+def concept_texts(concept: str, toy: bool) -> list[str]:
+    """Texts that stand for a concept in CLIP accuracy: a prompt ensemble."""
+    if toy and is_toy_concept(concept):
+        attr = world.attribute_of(concept)
+        canon = {"object": [world.OBJECT_WORDS[o][0] for o in world.OBJECTS], "colour": list(world.COLOURS),
+                 "pattern": [world.PATTERN_WORDS[p][0] for p in world.PATTERNS]}
+        canon[attr] = [toy_words(concept)[0]]
+        return [f"a {c} {p} {o}" for o in canon["object"] for c in canon["colour"] for p in canon["pattern"]]
+    return [concept, f"a photo of {concept}", f"a painting of {concept}", f"an image in the style of {concept}"]
