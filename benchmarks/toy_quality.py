@@ -25,13 +25,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--renders", type=int, default=2000, help="held-out renders for probe and CLIP accuracy")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 collapses under contention)")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: the bundled one)")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     from rayablate.clip import ClipScorer
     from rayablate.pipeline import load_pipeline
     from rayablate.toyworld import bundle_paths, world

@@ -70,7 +70,7 @@ class AblationConfig:
     # optimisation
     lr_matcher: float = 1e-3
     lr_disc: float = 2e-4
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 8
     seed: int = 0
     # data

@@ -183,6 +183,8 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
         clip_name=clip_name, concept_texts=concept_texts, threshold=cfg.clip_threshold, image_weight=image_weight),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
+    # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
+    ds = ds.random_shuffle(seed=cfg.seed)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
