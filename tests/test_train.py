@@ -1,0 +1,192 @@
+"""Ray Train + DeepSpeed training of the matcher: replicas, parameter group, resume, non-finite losses.
+
+One Ray instance (2 CPUs) serves the whole module; every run is a few steps of the tiny pipeline.
+"""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayablate.config import AblationConfig
+from rayablate.train import DELTA_NAME, METRICS_NAME, TERMS
+
+ROWS = 16
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(n: int = ROWS) -> list[dict]:
+    """Ablation rows (c*, c) and preservation rows (c_i, c_i), in pairs: every shard and batch gets both."""
+    shapes = ("circle", "square", "triangle", "star")
+    rows = []
+    for i in range(n):
+        shape = shapes[i % len(shapes)]
+        if i % 4 < 2:
+            target, anchor, mask = f"a striped {shape}", f"a plain {shape}", 1
+        else:
+            target = anchor = f"a red dotted {shape}"
+            mask = 0
+        rows.append({"image": _png(i), "target_caption": target, "anchor_caption": anchor, "mask": mask, "seed": i})
+    return rows
+
+
+def _cfg(**kw) -> AblationConfig:
+    base = dict(steps=4, batch_size=4, num_workers=1, zero_stage=2, report_every=2, checkpoint_every=4,
+                lr_matcher=1e-3, lr_disc=2e-4, seed=0)
+    base.update(kw)
+    return AblationConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    import ray
+
+    # The dashboard stays on: Ray Train V2's placement-group cleaner queries the controller through it.
+    # On a starved machine the raylet can give up waiting for its agent; one retry covers that.
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=2, object_store_memory=200 * 1024**2)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 1:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def train_ds(ray_session):
+    return ray_session.data.from_items(_rows())
+
+
+def _two_worker_cfg(**kw) -> AblationConfig:
+    """2 workers x 8 rows, batch 2: 4 steps per epoch, so the checkpoint at step 3 falls mid-epoch."""
+    base = dict(num_workers=2, zero_stage=2, batch_size=2, steps=6, checkpoint_every=3, report_every=3)
+    base.update(kw)
+    return _cfg(**base)
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
+    """An uninterrupted 6-step run on 2 workers with ZeRO-2."""
+    from rayablate.train import run_training
+
+    out = tmp_path_factory.mktemp("reference")
+    return run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="reference")
+
+
+def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path):
+    """No Ray: weight 0 means no forward pass for that term; the total is the weighted sum."""
+    from rayablate.train import AblationWorker
+
+    batch_rows = _rows(4)
+    batch = {k: np.array([r[k] for r in batch_rows], dtype=object if k != "mask" else np.int64)
+             for k in batch_rows[0]}
+    calls = {"student": 0, "teacher": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    cfg = _cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0)
+    w = AblationWorker(cfg, str(tiny_sd_path))
+    w.student.unet.register_forward_hook(count("student"))
+    w.teacher.unet.register_forward_hook(count("teacher"))
+    out = w.losses(w.batch_tensors(batch), step=1)
+    assert calls == {"student": 1, "teacher": 0}
+    assert out["disc"] is None and w.disc is None
+    assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
+    assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
+
+    cfg = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
+    w = AblationWorker(cfg, str(tiny_sd_path))
+    calls.update(student=0, teacher=0)
+    w.student.unet.register_forward_hook(count("student"))
+    w.teacher.unet.register_forward_hook(count("teacher"))
+    out = w.losses(w.batch_tensors(batch), step=1)
+    # student: c* (all rows) + c (ablation rows, regularizer); teacher: c (all rows) + c* (ablation rows, contrastive)
+    assert calls == {"student": 2, "teacher": 2}
+    terms = {k: v.item() for k, v in out["terms"].items()}
+    assert all(v > 0 for k, v in terms.items() if k != "pres"), terms
+    expected = terms["match"] + 0.5 * terms["reg"] + 2.0 * terms["pres"] + 0.1 * terms["con"] + 0.02 * terms["adv"]
+    assert out["total"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["disc"] is not None and torch.isfinite(out["disc"])
+
+
+def test_two_workers_zero2_keep_identical_replicas(reference_run):
+    res = reference_run
+    hashes = res["replica_hashes"]  # rank 0 gathers every rank's hash of its live matcher + discriminator
+    assert len(hashes) == 2 and hashes[0] == hashes[1], hashes
+    assert res["start_step"] == 0 and res["final_step"] == 6 and res["worker_restarts"] == 0
+    assert [m["step"] for m in res["metrics"]] == [3, 6]
+    for m in res["metrics"]:
+        assert all(np.isfinite(m[k]) and m[k] > 0 for k in ("loss", "disc") + TERMS), m
+        assert 0 < m["ablation_rows"] < 1
+    assert res["metrics_path"].endswith(METRICS_NAME) and res["delta_path"].endswith(DELTA_NAME)
+    with open(res["metrics_path"]) as f:
+        assert json.load(f) == res["metrics"]
+
+
+def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_path):
+    from rayablate.pipeline import apply_delta, group_parameter_names, load_pipeline, read_delta
+
+    _, meta = read_delta(reference_run["delta_path"])
+    assert meta["group"] == "xattn-kv" and meta["step"] == "6"
+    pipe = load_pipeline(tiny_sd_path)
+    params = lambda: {f"{c}.{n}": p.detach().clone() for c, m in  # noqa: E731
+                      (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)) for n, p in m.named_parameters()}
+    before = params()
+    apply_delta(pipe, reference_run["delta_path"])
+    after = params()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    group = set(group_parameter_names(pipe, "xattn-kv"))
+    assert changed, "training changed nothing"
+    assert changed <= group, sorted(changed - group)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(reference_run, ray_session, train_ds,
+                                                                            tiny_sd_path, tmp_path):
+    """A run stopped after its step-3 checkpoint, rerun with the same storage and name, ends where
+    the uninterrupted reference run ends, also when a worker fails once more on the way (Ray
+    restarts the worker group from the latest checkpoint inside the same fit)."""
+    from rayablate.pipeline import read_delta
+    from rayablate.train import run_training
+
+    path, out = str(tiny_sd_path), str(tmp_path)
+    first = run_training(_two_worker_cfg(steps=3), train_ds, path, out, run_name="resumed")
+    assert first["start_step"] == 0 and first["final_step"] == 3
+    second = run_training(_two_worker_cfg(steps=6), train_ds, path, out, run_name="resumed", max_failures=1,
+                          extra_loop_config={"fail_at_step": 5})  # rank 0 raises once, before step 5
+    assert second["worker_restarts"] == 1
+    assert second["start_step"] == 3 and second["final_step"] == 6  # it resumed; it did not retrain from 0
+    assert [m["step"] for m in second["metrics"]] == [3, 6]  # history carried over in the checkpoint
+    a, _ = read_delta(reference_run["delta_path"])
+    b, _ = read_delta(second["delta_path"])
+    assert a.keys() == b.keys() and a
+    # Tolerance: per-(rank, step) seeds, the restored Adam state and the same data order make the
+    # resumed run bitwise equal on CPU; 1e-6 absolute (weights are ~0.1, one step moves them by
+    # up to lr = 1e-3) leaves room only for float reduction-order noise, not for a lost or repeated step.
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, diff
+    assert second["metrics"][-1]["loss"] == pytest.approx(reference_run["metrics"][-1]["loss"], abs=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step_and_writes_no_delta(ray_session, train_ds, tiny_sd_path, tmp_path):
+    from rayablate.train import run_training
+
+    cfg = _cfg(lr_matcher=1e30, steps=4, checkpoint_every=4)  # step 1's update makes every later loss inf/nan
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step [2-4]\b"):
+        run_training(cfg, train_ds, str(tiny_sd_path), str(tmp_path), run_name="nan")
+    assert not (tmp_path / DELTA_NAME).exists()
