@@ -108,4 +108,26 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
         assert "SUCCEEDED" in sub.stdout + sub.stderr
         check_outputs(out)
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_under(tmp_path / "ray")
+
+
+def stop_ray_under(ray_tmp: Path) -> None:
+    """Stop the test's own head: every process whose command line names its RAY_TMPDIR.
+
+    `ray stop` would kill every Ray process on the machine, other sessions' included.
+    """
+    import signal
+
+    marker = str(ray_tmp)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
