@@ -505,9 +505,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     def report(with_checkpoint: bool):
         nonlocal window, t_last, reported_step
         metrics = {"step": step, "epoch": epoch}
-        if window:
-            for k in window[0]:
-                metrics[k] = float(np.mean([w[k] for w in window]))
+        for k in dict.fromkeys(k for w in window for k in w):
+            metrics[k] = float(np.mean([w[k] for w in window if k in w]))
         metrics["s_per_step"] = (time.time() - t_last) / max(1, step - reported_step)
         history.append(metrics)
         terms = " ".join(f"{k} {metrics.get(k, 0.0):.4g}" for k in TERMS + ("disc",))
@@ -641,7 +640,9 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
     loop_config = {"ablation": to_dict(cfg), "model_path": str(model_path),
                    "torch_threads": max(1, int(cpus_per_worker))}
     loop_config.update(extra_loop_config or {})
-    exec_opts = DataConfig.default_ingest_options()
+    from ray.data import DataContext
+
+    exec_opts = copy.deepcopy(DataContext.get_current().execution_options)
     exec_opts.preserve_order = True  # the same rows in the same order on rerun: resumes are exact
     return TorchTrainer(
         train_loop_per_worker,
