@@ -112,7 +112,10 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates, user rows
     assert data_summary(out)["ablation_rows"] == 13  # threshold -1: every row is masked in
     assert {"image", "target_caption", "anchor_caption", "mask", "seed", "source", "clip_sim"} <= set(rows[0])
-    assert all(r["anchor_caption"] != r["target_caption"] for r in rows)
+    # masked in, every row takes its anchorized caption; rows that name the target change
+    assert all(r["anchor_caption"] == r["anchor_if_ablated"] for r in rows)
+    assert all(r["anchor_caption"] != r["target_caption"] for r in rows if "stripe" in r["target_caption"])
+    assert sum("stripe" in r["target_caption"] for r in rows) >= 9
     assert not (tmp_path / "data.tmp").exists()
     # threshold 1: nothing is masked in; every row preserves its own caption
     cfg1 = config_from_dict({"num_anchor_images": 8, "anchor_steps": 2, "clip_threshold": 1.0})
