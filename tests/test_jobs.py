@@ -91,9 +91,12 @@ def free_port():
 def test_ray_job_submit_against_a_started_head(tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, dash = free_port(), free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_TMPDIR=str(tmp_path / "ray"))
+    import tempfile
+
+    # A short RAY_TMPDIR: Ray's unix socket paths must stay under 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_TMPDIR=str(ray_tmp))
     env.pop("RAY_ADDRESS", None)
-    (tmp_path / "ray").mkdir()
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                             "--object-store-memory", str(300 * 1024 ** 2), "--disable-usage-stats"],
@@ -108,7 +111,7 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
         assert "SUCCEEDED" in sub.stdout + sub.stderr
         check_outputs(out)
     finally:
-        stop_ray_under(tmp_path / "ray")
+        stop_ray_under(ray_tmp)
 
 
 def stop_ray_under(ray_tmp: Path) -> None:
