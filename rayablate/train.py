@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import os
@@ -52,12 +51,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def decode_images(pngs) -> torch.Tensor:
     """PNG bytes -> float tensor Nx3xHxW in [-1, 1]."""
-    from PIL import Image
+    from .images import decode_png
 
-    arrays = []
-    for i, data in enumerate(pngs):
-        img = Image.open(io.BytesIO(bytes(data))).convert("RGB")
-        arrays.append(np.asarray(img, dtype=np.uint8))
+    arrays = [decode_png(bytes(data)) for data in pngs]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"training images in one batch have different sizes {sorted(shapes)}; the data module must "

@@ -56,19 +56,12 @@ def clip_zero_shot(scorer, images, labels) -> dict[str, float]:
 
     Each class's text embedding averages canonical captions over every value of the other attributes.
     """
-    canon = {
-        "object": [world.OBJECT_WORDS[o][0] for o in world.OBJECTS],
-        "colour": list(world.COLOURS),
-        "pattern": [world.PATTERN_WORDS[p][0] for p in world.PATTERNS],
-    }
+    from ..prompts import concept_texts
+
     out = {}
-    for k, attr in enumerate(("object", "colour", "pattern")):
-        classes = []
-        for value in canon[attr]:
-            fields = dict(canon)
-            fields[attr] = [value]
-            classes.append([f"a {c} {p} {o}" for o in fields["object"] for c in fields["colour"]
-                            for p in fields["pattern"]])
+    for k, (attr, values) in enumerate((("object", world.OBJECTS), ("colour", world.COLOURS),
+                                        ("pattern", world.PATTERNS))):
+        classes = [concept_texts(v, toy=True) for v in values]
         pred = scorer.zero_shot(images, classes)
         out[attr] = float((pred == np.asarray(labels)[:, k]).mean())
     return out
