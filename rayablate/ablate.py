@@ -92,12 +92,34 @@ def init_ray(num_cpus: int | None = None):
 
 
 def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = None, num_actors: int = 1,
-           resume: bool = True, run_name: str | None = None) -> dict:
-    """Ablate one concept; write the delta, metrics.json, report.md, grid.png and loss_curve.png."""
+           resume: bool = True, run_name: str | None = None, worker_resources: dict | None = None) -> dict:
+    """Ablate one concept; write the delta, metrics.json, report.md, grid.png and loss_curve.png.
+
+    `output_dir` may be an s3:// or gs:// URI: the run writes to a local staging folder and uploads it
+    at the end; Ray Train checkpoints then default to `<output_dir>/ray`, so a rerun resumes from there.
+    """
     from .config import concept_name
     from .data import build_training_data, data_summary
     from .evaluate import evaluate
+    from .storage import check_remote_dir, is_remote, upload_dir
     from .train import run_training
+
+    if is_remote(output_dir):
+        import shutil
+        import tempfile
+
+        uri = str(output_dir).rstrip("/")
+        check_remote_dir(uri)
+        if not cfg.storage_path:
+            cfg = dataclasses.replace(cfg, storage_path=f"{uri}/ray")
+        staging = Path(tempfile.mkdtemp(prefix="rayablate-out-"))
+        try:
+            metrics = ablate(cfg, staging, user_data, num_actors, resume, run_name, worker_resources)
+            files = upload_dir(staging, uri)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(f"[rayablate] uploaded {len(files)} files to {uri}", flush=True)
+        return metrics
 
     t0 = time.time()
     out = Path(output_dir).expanduser().resolve()
@@ -120,13 +142,14 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
 
     t = time.time()
     train = run_training(cfg, ray.data.read_parquet(str(data_dir)), models.model_path, str(out),
-                         run_name=run_name or concept_name(cfg.concept), resume=resume)
+                         run_name=run_name or concept_name(cfg.concept), resume=resume,
+                         worker_resources=worker_resources)
     print(f"[rayablate]     trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})", flush=True)
     print("[rayablate] 3/3 evaluation", flush=True)
     metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.toy, models.probe,
                        train_history=train["metrics"], num_actors=num_actors,
                        extra={"data": summary, "restarts": train["worker_restarts"],
-                              "train_seconds": train["wall_s"]})
+                              "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"]})
     metrics["wall_seconds"] = time.time() - t0
     from .evaluate import _write_json
 

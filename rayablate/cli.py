@@ -61,6 +61,19 @@ def config_from_args(args):
     return load_config(args.config, overrides)
 
 
+def _resources(text: str) -> dict:
+    """--worker-resources: a JSON object of resource name -> amount."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise argparse.ArgumentTypeError('expected a JSON object of resource -> amount, e.g. {"gpu_a10g": 1}')
+    return value
+
+
 def _train(argv) -> int:
     ap = argparse.ArgumentParser(prog="rayablate train", description=(
         "Ablate one concept end to end on Ray: anchor images and CLIP masks (Ray Data), matcher + "
@@ -71,6 +84,9 @@ def _train(argv) -> int:
                                         "or a folder of images with .txt captions")
     ap.add_argument("--num-actors", type=int, default=1, help="actors per Ray Data stage (generation, CLIP)")
     ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from checkpoints")
+    ap.add_argument("--worker-resources", type=_resources, default=None, metavar="JSON",
+                    help="custom Ray resources each training worker needs, e.g. '{\"gpu_a10g\": 1}' to train "
+                         "only on nodes that offer it (see cluster/README.md)")
     args = ap.parse_args(argv)
 
     def run():
@@ -79,7 +95,8 @@ def _train(argv) -> int:
 
         cfg = config_from_args(args)
         out = args.output_dir or os.path.join("outputs", concept_name(cfg.concept))
-        ablate(cfg, out, user_data=args.user_data, num_actors=args.num_actors, resume=not args.no_resume)
+        ablate(cfg, out, user_data=args.user_data, num_actors=args.num_actors, resume=not args.no_resume,
+               worker_resources=args.worker_resources)
         print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors")
 
     return guarded(run)

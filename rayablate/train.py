@@ -458,7 +458,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     Reported metrics (rank 0's, averaged since the last report): step, epoch, loss (the matcher's
     weighted total), match, reg, pres, con, adv (0 when the term's weight is 0), disc,
     grad_norm, ablation_rows (share of mask-1 rows), s_per_step.
-    Rank 0 returns {"history", "start_step", "final_step", "replica_hashes", "attempt"}.
+    Rank 0 returns {"history", "start_step", "final_step", "replica_hashes", "worker_node_ids" (the Ray
+    node of each rank), "attempt"}.
     """
     import ray
     import ray.train
@@ -574,18 +575,20 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if step < cfg.steps:
             epoch, skip = epoch + 1, 0
 
-    hashes = [worker.replica_hash()]
+    # Every rank's replica hash and Ray node id, gathered on all (all_gather_object is a collective).
+    mine = (worker.replica_hash(), ray.get_runtime_context().get_node_id())
+    gathered: list = [mine]
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, hashes[0])
-        hashes = gathered
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    hashes = [h for h, _ in gathered]
     if len(set(hashes)) > 1:
         log(f"WARNING: matcher replicas differ across ranks: {hashes}")
     if rank == 0:
         return {"history": history, "start_step": start_step, "final_step": step, "replica_hashes": hashes,
-                "attempt": attempt}
+                "worker_node_ids": [n for _, n in gathered], "attempt": attempt}
     return None
 
 
@@ -617,8 +620,13 @@ def _is_local(path: str) -> bool:
 
 def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: str, run_name: str = "ablate", *,
                  max_failures: int = 0, cpus_per_worker: float | None = None, callbacks: list | None = None,
-                 extra_loop_config: dict | None = None):
-    """The `TorchTrainer` of one ablation run (Tune builds its trials from this, adding callbacks)."""
+                 extra_loop_config: dict | None = None, worker_resources: dict | None = None):
+    """The `TorchTrainer` of one ablation run (Tune builds its trials from this, adding callbacks).
+
+    `storage_path`: a folder or an s3:// / gs:// URI (an S3 endpoint from AWS_ENDPOINT_URL_S3 is
+    honoured, see `storage.py`). `worker_resources`: custom Ray resources each worker needs on top of
+    its CPU/GPU, e.g. one that only some node types offer.
+    """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -633,6 +641,7 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
     resources = {"CPU": cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    resources.update(worker_resources or {})
     loop_config = {"ablation": to_dict(cfg), "model_path": str(model_path),
                    "torch_threads": max(1, int(cpus_per_worker))}
     loop_config.update(extra_loop_config or {})
@@ -640,13 +649,17 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
 
     exec_opts = copy.deepcopy(DataContext.get_current().execution_options)
     exec_opts.preserve_order = True  # the same rows in the same order on rerun: resumes are exact
+    from .storage import train_storage
+
+    storage_path, storage_filesystem = train_storage(str(storage_path))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         datasets={"train": train_ds},
         dataset_config=DataConfig(execution_options=exec_opts),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=callbacks,
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -664,7 +677,8 @@ def _raise_worker_error(err: Exception) -> None:
 
 def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str, run_name: str = "ablate",
                  resume: bool = True, *, max_failures: int = 0, cpus_per_worker: float | None = None,
-                 callbacks: list | None = None, extra_loop_config: dict | None = None) -> dict:
+                 callbacks: list | None = None, extra_loop_config: dict | None = None,
+                 worker_resources: dict | None = None) -> dict:
     """Train the matcher on `train_ds` with Ray Train; write `<output_dir>/matcher_delta.safetensors`.
 
     With `resume`, a run whose `storage_path`/`run_name` folder already holds checkpoints continues
@@ -674,7 +688,8 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
 
     Returns {"delta_path", "metrics" (history), "metrics_path", "checkpoint_path", "run_path",
     "start_step" (of the last attempt: > 0 when it resumed), "final_step", "wall_s", "worker_restarts",
-    "replica_hashes" (one per rank: equal when the matcher replicas agree)}.
+    "replica_hashes" (one per rank: equal when the matcher replicas agree), "worker_node_ids" (the
+    Ray node id of each rank)}.
     """
     import ray
     from ray.train.v2.api.exceptions import TrainingFailedError
@@ -694,7 +709,8 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
     counter = _attempt_counter_cls().remote()
     extra = {"attempt_counter": counter, **(extra_loop_config or {})}
     trainer = make_trainer(cfg, train_ds, model_path, storage, run_name, max_failures=max_failures,
-                           cpus_per_worker=cpus_per_worker, callbacks=callbacks, extra_loop_config=extra)
+                           cpus_per_worker=cpus_per_worker, callbacks=callbacks, extra_loop_config=extra,
+                           worker_resources=worker_resources)
     t0 = time.time()
     try:
         try:
@@ -732,4 +748,5 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
         "wall_s": wall,
         "worker_restarts": max(0, attempts - 1),
         "replica_hashes": ret.get("replica_hashes", []),
+        "worker_node_ids": ret.get("worker_node_ids", []),
     }
