@@ -1,0 +1,178 @@
+"""Batch ablation: validation of the batch file, failure isolation, resumption, merged and joint models.
+
+One Ray instance (2 CPUs) for the module; every concept run is 2 steps of the tiny random pipeline.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayablate.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {"steps": 2, "num_workers": 1, "batch_size": 4, "num_anchor_images": 8, "anchor_steps": 2,
+        "eval_images": 4, "eval_steps": 2, "report_every": 1, "checkpoint_every": 2, "w_adv": 0.0}
+
+
+def _batch(**settings):
+    return {
+        "batch": {"max_concurrent": 2, "evaluate_sum": False, "joint_overrides": {"steps": 2}, **settings},
+        "defaults": dict(TINY),
+        "concepts": [
+            {"concept": {"target": "striped", "anchor": "plain", "kind": "style", "neighbours": ["dotted", "zorb"]}},
+            {"concept": {"target": "zorb", "anchor": "circle", "kind": "instance", "neighbours": ["square"]},
+             "w_pres": 10.0},
+            # deliberately broken: passes the schema, but its prompt file does not exist
+            {"concept": {"target": "Van Gogh", "anchor": "painting", "kind": "style",
+                         "prompt_file": "/definitely/not/here/prompts.txt"}},
+        ],
+    }
+
+
+# --- the batch file (no Ray) ---------------------------------------------------------------------
+
+def test_batch_file_errors_name_the_concept_and_field():
+    from rayablate.batch import batch_from_dict
+
+    data = _batch()
+    data["concepts"][2]["concept"]["anchor"] = "Van Gogh"
+    with pytest.raises(ConfigError) as e:
+        batch_from_dict(data)
+    assert e.value.field == "concepts[2].concept.anchor"
+    data = _batch()
+    data["concepts"][1]["lr_matcher"] = -1.0
+    with pytest.raises(ConfigError, match=r"^concepts\[1\]\.lr_matcher"):
+        batch_from_dict(data)
+    data = _batch()
+    data["defaults"]["stepz"] = 3
+    with pytest.raises(ConfigError, match=r"^defaults\.stepz: unknown key"):
+        batch_from_dict(data)
+    data = _batch()
+    data["concepts"][1]["concept"]["anchor"] = "striped"  # an anchor another concept removes
+    with pytest.raises(ConfigError, match=r"concepts\[1\]\.concept\.anchor.*target of concepts\[0\]"):
+        batch_from_dict(data)
+    data = _batch(max_concurrent=0)
+    with pytest.raises(ConfigError, match=r"^batch\.max_concurrent"):
+        batch_from_dict(data)
+    data = _batch()
+    data["concepts"].append({"concept": {"target": "striped", "anchor": "plain"}, "seed": 3})
+    with pytest.raises(ConfigError, match=r"^concepts\[3\]\.concept\.target: 'striped' is already"):
+        batch_from_dict(data)
+
+
+def test_defaults_overrides_and_neighbours_that_the_batch_removes():
+    from rayablate.batch import batch_from_dict
+
+    b = batch_from_dict(_batch(), overrides={"eval_images": 3})
+    striped, zorb, gogh = b.concepts
+    assert [c.name for c in b.concepts] == ["striped", "zorb", "van-gogh"]
+    assert zorb.cfg.w_pres == 10.0 and striped.cfg.w_pres == 1.0 and striped.cfg.steps == 2
+    assert all(c.cfg.eval_images == 3 for c in b.concepts)
+    # zorb is removed by the batch: it cannot be one of striped's neighbours in the merged model
+    assert striped.cfg.concept.neighbours == ["dotted"] and striped.dropped_neighbours == ["zorb"]
+
+
+def test_bad_batch_file_exits_2_and_writes_nothing(tmp_path):
+    import yaml
+
+    data = _batch()
+    data["concepts"][2]["concept"]["kind"] = "painter"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "jobs/batch_ablate.py", str(tmp_path / "b.yaml"), "--output-dir",
+                        str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: concepts[2].concept.kind" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- runs on Ray --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    # the dashboard stays on: Ray Train V2's placement-group cleaner queries the controller through it
+    ray.init(num_cpus=2, object_store_memory=300 * 1024 ** 2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd_path, tiny_clip_path):
+    from rayablate.ablate import Models
+    from rayablate.toyworld import bundle_paths
+
+    return Models(str(tiny_sd_path), str(tiny_clip_path), str(bundle_paths()["probe"]), toy=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, models, tmp_path_factory):
+    from rayablate.batch import batch_from_dict, run_batch
+
+    out = tmp_path_factory.mktemp("batch")
+    lines = []
+    t = time.time()
+    summary = run_batch(batch_from_dict(_batch()), out, models, progress=lines.append)
+    return {"out": out, "summary": summary, "lines": lines, "seconds": time.time() - t}
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and "van-gogh" not in str(p) and p.name not in ("summary.json", "summary.md", "batch.json")}
+
+
+@pytest.mark.slow
+def test_a_broken_concept_fails_alone_and_the_others_finish(first_run):
+    out, s = first_run["out"], first_run["summary"]
+    rows = {r["name"]: r for r in s["concepts"]}
+    assert rows["van-gogh"]["status"] == "failed"
+    assert "prompt file does not exist" in rows["van-gogh"]["error"]
+    assert rows["striped"]["status"] == rows["zorb"]["status"] == "succeeded"
+    for n in ("striped", "zorb"):
+        d = out / "concepts" / n
+        assert (d / "matcher_delta.safetensors").exists() and (d / "metrics.json").exists()
+        assert json.loads((d / "status.json").read_text())["status"] == "succeeded"
+        # the merged and joint models are evaluated on every succeeded concept
+        for v in ("separate", "merged", "joint"):
+            row = rows[n]["variants"][v]
+            assert row["target_before"] is not None and row["target_after"] is not None
+            assert row["paraphrase_after"] is not None
+        assert set(rows[n]["variants"]["merged"]["neighbours"]) == set(
+            {"striped": ["dotted"], "zorb": ["square"]}[n])
+    assert "van-gogh" not in json.loads((out / "merged" / "merge.json").read_text())["concepts"]
+    assert json.loads((out / "joint" / "status.json").read_text())["status"] == "succeeded"
+    md = (out / "summary.md").read_text()
+    assert "van-gogh" in md and "failed" in md and "left out: zorb" in md
+    # both good concepts were in flight at once
+    started = [i for i, l in enumerate(first_run["lines"]) if ": started" in l]
+    first_done = next(i for i, l in enumerate(first_run["lines"]) if "succeeded in" in l or "failed in" in l)
+    assert sum(1 for i in started if i < first_done) == 2
+
+
+@pytest.mark.slow
+def test_a_second_run_redoes_nothing_that_finished(first_run, models):
+    from rayablate.batch import batch_from_dict, run_batch
+
+    out = first_run["out"]
+    before = _snapshot(out)
+    lines = []
+    t = time.time()
+    s = run_batch(batch_from_dict(_batch()), out, models, progress=lines.append)
+    took = time.time() - t
+    assert _snapshot(out) == before  # no file of a finished stage was rewritten
+    text = "\n".join(lines)
+    for what in ("striped: already finished, skipped", "zorb: already finished, skipped",
+                 "merge: already done, skipped", "joint: already trained, skipped",
+                 "merged evaluation: already done, skipped", "joint evaluation: already done, skipped"):
+        assert what in text, text
+    rows = {r["name"]: r for r in s["concepts"]}
+    assert rows["striped"]["skipped"] and rows["zorb"]["skipped"]
+    assert rows["van-gogh"]["status"] == "failed"  # tried again: it had not finished
+    assert took < first_run["seconds"] / 3, (took, first_run["seconds"])
