@@ -37,23 +37,90 @@ def resolve_models(cfg: AblationConfig) -> Models:
 def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = None) -> int:
     """Everything that can be checked before any output is written. Returns the model's resolution."""
     from . import prompts as P
-    from .pipeline import PipelineLoadError, looks_like_path
 
-    if looks_like_path(models.model_path):
-        path = Path(models.model_path).expanduser()
-        if not path.exists():
-            raise PipelineLoadError(f"model path does not exist: {path}")
-        if not (path / "model_index.json").exists():
-            raise PipelineLoadError(f"not a diffusers pipeline (no model_index.json): {path}")
+    check_model(models.model_path)
     pairs = P.caption_pairs(cfg.concept, 1, cfg.seed, models.toy)  # raises ConfigError without prompts
     if not pairs:
         raise ConfigError("concept.prompts", "the prompt list is empty")
+    check_prompt_lengths(cfg.concept, models.model_path)
     resolution = _model_resolution(models.model_path)
     if user_data:
-        from .data import read_user_pairs
+        from .data import load_user_rows
 
-        read_user_pairs(user_data, cfg.concept, models.toy, resolution)  # validates every row
+        load_user_rows(user_data, cfg.concept, models.toy, resolution)  # validates every row; needs no Ray
     return resolution
+
+
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model(model_path: str) -> None:
+    """A local model folder must be a diffusers pipeline whose weights are safetensors: pickled
+    weights (.bin, .ckpt, ...) are refused, since loading them can run code. Hub ids pass (they are
+    resolved, safetensors only, when the pipeline loads)."""
+    from .pipeline import PipelineLoadError, looks_like_path
+
+    if not looks_like_path(model_path):
+        return
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise PipelineLoadError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise PipelineLoadError(f"not a diffusers pipeline (a file, not a folder with model_index.json): {path}")
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        raise PipelineLoadError(f"not a diffusers pipeline (no model_index.json): {path}")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PipelineLoadError(f"not a diffusers pipeline (unreadable model_index.json): {path}: {e}") from e
+    if not isinstance(index, dict) or "unet" not in index or "vae" not in index:
+        raise PipelineLoadError(f"not a Stable Diffusion pipeline (model_index.json names no unet and vae): {path}")
+    for comp in WEIGHT_COMPONENTS:
+        if not isinstance(index.get(comp), list) or index[comp][0] is None:
+            continue  # absent, or null in model_index.json
+        folder = path / comp
+        if not (folder / "config.json").exists():
+            raise PipelineLoadError(f"not a diffusers pipeline: {comp}/config.json is missing in {path}")
+        if any(folder.glob("*.safetensors")):
+            continue
+        pickled = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise PipelineLoadError(f"{path / comp} holds only pickled weights ({', '.join(pickled)}); rayablate "
+                                    "loads safetensors only, since loading a pickle can run code: convert the "
+                                    "weights to safetensors (save_pretrained(safe_serialization=True))")
+        raise PipelineLoadError(f"not a diffusers pipeline: {path / comp} holds no weights (*.safetensors)")
+
+
+def check_prompt_lengths(spec, model_path: str) -> None:
+    """Refuse prompts longer than the model's tokenizer takes (77 tokens for SD's CLIP, 24 for the toy
+    world): CLIP would cut the rest off silently, and the concept with it when it comes late."""
+    from .pipeline import PipelineLoadError, looks_like_path
+    from .prompts import read_prompt_file
+
+    path = Path(model_path).expanduser()
+    if not looks_like_path(model_path) or not (path / "tokenizer").is_dir():
+        return  # hub ids: checked when the tokenizer is at hand (truncated at sampling otherwise)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise PipelineLoadError(f"not a diffusers pipeline: unreadable tokenizer in {path}: {e}") from e
+    limit = int(tok.model_max_length)
+    named = [(f"concept.prompts[{i}]", p) for i, p in enumerate(spec.prompts)]
+    if spec.prompt_file:
+        named += [(f"concept.prompt_file ({spec.prompt_file}) line {i + 1}", p)
+                  for i, p in enumerate(read_prompt_file(spec.prompt_file))]
+    named += [(f"concept.templates[{i}]", t.format(w)) for i, t in enumerate(spec.templates)
+              for w in (spec.target, spec.anchor)]
+    for field, text in named:
+        n = len(tok(text, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            raise ConfigError(field, f"is {n} tokens long; the model's tokenizer takes at most {limit} "
+                                     f"(start and end tokens included) and would silently cut off the rest: "
+                                     f"shorten it: {text[:80]!r}...")
 
 
 def _model_resolution(model_path: str) -> int:
@@ -69,12 +136,49 @@ def _model_resolution(model_path: str) -> int:
 
 
 def check_output_dir(out: Path) -> None:
+    """The output folder (or its nearest existing parent) must be a folder this process can write
+    in: a file is created and removed there, which also catches read-only mounts and root."""
+    import tempfile
+
     out = out.expanduser()
-    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
-    if not os.access(probe_dir, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {out}")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path exists and is not a folder: {out}")
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    if not probe_dir.is_dir():
+        raise NotADirectoryError(f"output folder {out} would lie under {probe_dir}, which is a file")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".rayablate-write-test-", dir=probe_dir)
+    except OSError as e:
+        raise PermissionError(f"output folder is not writable: {out} ({probe_dir}: {e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(name)
+
+
+# Output folders and Ray Train run folders this process writes to: after an interrupt, the CLI
+# removes what an interrupted write left there (`remove_partial_outputs`).
+TOUCHED: list[tuple[Path, Path | None]] = []
+
+
+def remove_partial_outputs(out: Path, run_dir: Path | None = None) -> list[Path]:
+    """Remove what interrupted writes leave behind: temporaries of atomic writes (`*.tmp`,
+    `*.tmp.png`, the `data.tmp/` folder) and Ray Train checkpoint folders that the run's snapshot
+    does not list (an upload cut off mid-way; Ray never resumes from those). Returns what went."""
+    import shutil
+
+    gone = []
+    if out.is_dir():
+        gone += [p for p in out.iterdir() if p.name.endswith((".tmp", ".tmp.png"))]
+    if run_dir is not None and run_dir.is_dir():
+        listed: set[str] = set()
+        snap = run_dir / "checkpoint_manager_snapshot.json"
+        try:
+            listed = {r["checkpoint_dir_name"] for r in json.loads(snap.read_text())["checkpoint_results"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no snapshot: Ray resumes from no checkpoint, so every folder is unused
+        gone += [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in listed]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return gone
 
 
 def init_ray(num_cpus: int | None = None):
@@ -127,6 +231,10 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     check_output_dir(out)
     check_inputs(cfg, models, user_data)
     out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.storage_path or str(out / "ray")
+    run_dir = Path(storage).expanduser() / (run_name or concept_name(cfg.concept)) if "://" not in storage else None
+    remove_partial_outputs(out, run_dir)  # left by a run killed mid-write; the rerun resumes without them
+    TOUCHED.append((out, run_dir))
     save_config(cfg, out / "config.yaml")
     init_ray()
     print(f"[rayablate] ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}", flush=True)
@@ -141,7 +249,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     import ray
 
     t = time.time()
-    train = run_training(cfg, ray.data.read_parquet(str(data_dir)), models.model_path, str(out),
+    train = run_training(cfg, read_training_data(data_dir), models.model_path, str(out),
                          run_name=run_name or concept_name(cfg.concept), resume=resume,
                          worker_resources=worker_resources)
     print(f"[rayablate]     trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})", flush=True)

@@ -113,13 +113,15 @@ def _evaluate(argv) -> int:
     args = ap.parse_args(argv)
 
     def run():
-        from .ablate import check_output_dir, init_ray, resolve_models
+        from .ablate import check_model, check_output_dir, init_ray, resolve_models
         from .evaluate import evaluate
-        from .pipeline import read_delta
+        from .pipeline import check_delta_fits
 
         cfg = config_from_args(args)
         models = resolve_models(cfg)
-        read_delta(args.delta)  # refuses pickles and foreign files before anything runs
+        check_model(models.model_path)
+        # refuses pickles, foreign files and deltas of another architecture before anything runs
+        check_delta_fits(args.delta, models.model_path)
         out = Path(args.output_dir or "outputs/evaluate")
         check_output_dir(out)
         init_ray()
@@ -155,10 +157,34 @@ def guarded(fn) -> int:
             NotADirectoryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FloatingPointError as e:
+    except FloatingPointError as e:  # bad settings (a learning rate too high) or bad data: bad input too
         print(f"error: training diverged: {e}; no delta was saved for that step", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        name = str(e) if str(e) in ("SIGTERM",) else "SIGINT"
+        _stop_after_interrupt()
+        print(f"error: interrupted ({name}); no half-written file is left. Re-run the same command to resume "
+              f"from the latest checkpoint", file=sys.stderr)
+        return 128 + (15 if name == "SIGTERM" else 2)
     return 0
+
+
+def _stop_after_interrupt() -> None:
+    """After Ctrl-C or SIGTERM: stop this process's Ray (a local one ends with its workers), then
+    remove what interrupted writes left in the output folders."""
+    local = not os.environ.get("RAY_ADDRESS")
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    from .ablate import TOUCHED, remove_partial_outputs
+
+    for out, run_dir in TOUCHED:
+        # Workers of a cluster may still be uploading: their checkpoint folders stay (Ray skips them).
+        remove_partial_outputs(out, run_dir if local else None)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def main(argv=None) -> int:
@@ -170,4 +196,14 @@ def main(argv=None) -> int:
               "  evaluate      evaluate a matcher delta against its base model\n"
               "  pretrain-toy  rebuild the bundled toy world")
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
-    return COMMANDS[argv[0]](argv[1:])
+    import signal
+    import threading
+
+    # SIGTERM (a scheduler stopping the job, `kill PID`) ends a run as Ctrl-C does: cleanly, resumable.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

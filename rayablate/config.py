@@ -151,12 +151,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         if not p.exists():
             raise ConfigError("config", f"file does not exist: {p}")
+        if not p.is_file():
+            raise ConfigError("config", f"{p} is not a file")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError("config", f"{p} is not UTF-8 text: {e}") from e
+        except PermissionError as e:
+            raise ConfigError("config", f"{p} is not readable: {e.strerror}") from e
         try:
             data = yaml.safe_load(text) or {}
+        except yaml.constructor.ConstructorError as e:
+            # e.g. !!python/object/apply: safe_load builds no Python objects, so no code can run.
+            raise ConfigError("config", f"malformed YAML in {p}: it uses a YAML tag that would construct objects; "
+                                        f"configs are plain data (yaml.safe_load) and never evaluate code: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError("config", f"malformed YAML in {p}: {e}") from e
         if not isinstance(data, dict):

@@ -137,7 +137,9 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
     if extra:
         metrics.update(extra)
     _write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(report_markdown(metrics, groups))
+    tmp = out / "report.md.tmp"  # a temporary name, then rename: never a half-written report
+    tmp.write_text(report_markdown(metrics, groups))
+    tmp.replace(out / "report.md")
     rows, labels = [], []
     for g in groups:
         for i in range(min(2, len(g.prompts))):
@@ -181,7 +183,10 @@ def report_markdown(metrics: dict, groups: list[P.EvalGroup]) -> str:
               "(toy world). CLIP accuracy: share of images CLIP ranks closer to the target than to the anchor.",
               "", "![before/after](grid.png)", ""]
     if "restarts" in metrics:
-        lines.append(f"Worker restarts during training: {metrics['restarts']}")
+        n = metrics["restarts"]
+        lines.append(f"Worker restarts during training: {n}" + (
+            f" (a worker failed {n} time(s); Ray Train restarted the worker group from the latest checkpoint "
+            "and the run completed)" if n else ""))
     return "\n".join(lines) + "\n"
 
 

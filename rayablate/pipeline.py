@@ -260,6 +260,39 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+def check_delta_fits(delta: str | os.PathLike, model_path: str | os.PathLike) -> None:
+    """Refuse a delta whose tensors do not exist, with these shapes, in a local diffusers folder.
+
+    Reads only the delta and the safetensors headers of the model's components (no weights), so a
+    delta for another architecture is refused before any worker starts. Hub ids are not checked
+    here (`apply_delta` checks when the pipeline loads).
+    """
+    from safetensors import safe_open
+
+    tensors, meta = read_delta(delta)
+    root = Path(model_path).expanduser()
+    if not looks_like_path(str(model_path)) or not root.is_dir():
+        return
+    shapes: dict[str, dict[str, tuple]] = {}
+    for comp in sorted({name.split(".", 1)[0] for name in tensors}):
+        files = sorted((root / comp).glob("*.safetensors")) if (root / comp).is_dir() else []
+        if not files:
+            raise DeltaError(f"delta for another architecture: it changes component {comp!r}, which {root} does "
+                             f"not have (delta architecture {meta.get('architecture')})")
+        shapes[comp] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                shapes[comp].update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+    for name, t in tensors.items():
+        comp, rest = name.split(".", 1)
+        if rest not in shapes[comp]:
+            raise DeltaError(f"delta for another architecture: tensor {name!r} does not exist in {root} "
+                             f"(delta architecture {meta.get('architecture')})")
+        if shapes[comp][rest] != tuple(t.shape):
+            raise DeltaError(f"delta for another architecture: tensor {name!r} has shape {tuple(t.shape)}, the "
+                             f"model's has {shapes[comp][rest]} ({root})")
+
+
 def apply_delta(pipe, delta: str | os.PathLike | dict[str, torch.Tensor], scale: float | None = None) -> list[str]:
     """Write a delta's tensors into `pipe` in place. Refuses deltas of another architecture.
 

@@ -207,6 +207,7 @@ class AblationWorker:
         opt = torch.optim.AdamW(trainable, lr=self.cfg.lr_matcher)
         self.matcher_engine, _, _, _ = deepspeed.initialize(model=self.student, model_parameters=trainable,
                                                             optimizer=opt, config=ds_cfg)
+        _load_weights_only(self.matcher_engine)
         self.student_fn = self.matcher_engine
         if self.disc is not None:
             self.disc.to(self.compute_dtype)  # DeepSpeed casts parameters only; spectral norm's buffers too
@@ -214,6 +215,7 @@ class AblationWorker:
             dopt = torch.optim.Adam(dparams, lr=self.cfg.lr_disc, betas=(0.5, 0.999))
             self.disc_engine, _, _, _ = deepspeed.initialize(model=self.disc, model_parameters=dparams,
                                                              optimizer=dopt, config=ds_cfg)
+            _load_weights_only(self.disc_engine)
             self.disc_fn = self.disc_engine
 
     # --- data ---
@@ -404,6 +406,25 @@ class AblationWorker:
                                "the run that wrote it; start a fresh run (resume=False) otherwise.") from e
 
 
+def weights_only_load(path, map_location=None):
+    """torch.load(weights_only=True) of a DeepSpeed checkpoint file: tensors and plain containers,
+    plus only DeepSpeed's own state records (loss scaler, ZeRO stage, fragment addresses). A pickle
+    that names anything else is refused, so a tampered checkpoint cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _load_weights_only(engine) -> None:
+    """DeepSpeed's torch checkpoint engine loads with weights_only=False; make it load with True."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is not None:
+        ckpt_engine.load = weights_only_load
+
+
 def _student_named_params(module: MatcherModule):
     """(qualified pipeline name, parameter) of a MatcherModule: `unet.<...>`, `text_encoder.<...>`."""
     for n, p in module.unet.named_parameters():
@@ -453,7 +474,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     `config`: "ablation" (`to_dict(AblationConfig)`), "model_path" (a local diffusers folder);
     optional "torch_threads" (1), "disc_width" (64), "shuffle_buffer" (rows; 4 x batch_size, 0 =
     off), "attempt_counter" (an actor counting starts, set by `run_training`),
-    "fail_at_step" (fault injection for tests: rank 0 raises once, on the first attempt).
+    "fail_at_step" (fault injection for tests: rank 0 raises once, on the first attempt), "pid_dir"
+    (each rank writes rank<N>.pid there), "hold_after_checkpoint" ({"step", "release_file"}: after
+    that step's checkpoint every rank waits until the file exists; for tests that kill a worker).
 
     Reported metrics (rank 0's, averaged since the last report): step, epoch, loss (the matcher's
     weighted total), match, reg, pres, con, adv (0 when the term's weight is 0), disc,
@@ -475,6 +498,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if counter is not None and rank == 0:
         attempt = ray.get(counter.increment.remote())
     log = (lambda msg: print(f"[rayablate.train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    if config.get("pid_dir"):  # fault-injection tests kill a worker by its pid
+        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
 
     t_setup = time.time()
     worker = AblationWorker(cfg, config["model_path"], device, rank, world, int(config.get("disc_width", 64)))
@@ -567,6 +592,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
             last = step == cfg.steps
             if step % cfg.checkpoint_every == 0 or last:
                 report(with_checkpoint=True)
+                hold = config.get("hold_after_checkpoint")  # tests: {"step", "release_file"}
+                if hold and step == int(hold["step"]):
+                    deadline = time.time() + float(hold.get("timeout_s", 300))
+                    while not os.path.exists(hold["release_file"]) and time.time() < deadline:
+                        time.sleep(0.1)
             elif step % cfg.report_every == 0:
                 report(with_checkpoint=False)
         if batch_in_epoch == 0:
@@ -714,6 +744,9 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
     t0 = time.time()
     try:
         try:
+            # Ray Train's own Ctrl-C handler ends the process with exit status 0, as if the run had
+            # succeeded; without it Ctrl-C raises KeyboardInterrupt, which the CLI turns into a clean stop.
+            trainer._register_sigint_handler = lambda controller: None
             result = trainer.fit()
         except TrainingFailedError as e:
             _raise_worker_error(e)

@@ -242,7 +242,7 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
     start = 0
     g = torch.Generator().manual_seed(seed + 3)
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)  # our own trusted work file, written below
+        state = torch.load(ckpt, weights_only=True)  # tensors, numbers and the generator state only
         unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"]); g.set_state(state["g"]); start = state["step"]
@@ -303,7 +303,7 @@ def snapshot_sd(work: Path) -> int:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    state = torch.load(work / "sd_ckpt.pt", weights_only=False)  # our own work file
+    state = torch.load(work / "sd_ckpt.pt", weights_only=True)
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
     unet = UNet2DConditionModel(**models.unet_config())
     text = CLIPTextModel(CLIPTextConfig(**models.text_encoder_config(len(tok))))
