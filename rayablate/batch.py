@@ -707,18 +707,19 @@ def summarize_metrics(m: dict, key: str) -> dict:
 
 
 def acceptance(rows: list[dict], variant: str, max_target: float = 0.10, min_kept: float = 0.85) -> dict:
-    vals = [r["variants"].get(variant) for r in rows]
+    ok = [r for r in rows if r["status"] == "succeeded"]
+    vals = [r["variants"].get(variant) for r in ok]
     if not vals or any(v is None for v in vals):
-        return {"checked": False, "passed": None, "why": "not every concept has this variant"}
+        return {"checked": False, "passed": None, "why": "not every succeeded concept has this variant"}
     bad = []
-    for r, v in zip(rows, vals):
+    for r, v in zip(ok, vals):
         if v["target_after"] is None or v["target_after"] > max_target:
             bad.append(f"{r['name']}: target {v['target_after']}")
         for nb, x in v["neighbours"].items():
             if x["kept"] is None or x["kept"] < min_kept:
                 bad.append(f"{r['name']}: neighbour {nb} kept {x['kept']}")
     return {"checked": True, "passed": not bad, "failures": bad, "max_target_rate": max_target,
-            "min_neighbour_kept": min_kept}
+            "min_neighbour_kept": min_kept, "concepts": len(ok), "failed_concepts_left_out": len(rows) - len(ok)}
 
 
 def _f(v, pct=False) -> str:
@@ -797,7 +798,9 @@ def summary_markdown(s: dict) -> str:
         if not a["checked"]:
             lines.append(f"- {v}: not checked ({a['why']})")
         else:
-            lines.append(f"- {v}: {'PASS' if a['passed'] else 'MISS'}"
+            lines.append(f"- {v}: {'PASS' if a['passed'] else 'MISS'} over {a['concepts']} concept(s)"
+                         + (f" ({a['failed_concepts_left_out']} failed concept(s) left out)"
+                            if a["failed_concepts_left_out"] else "")
                          + ("" if a["passed"] else " — " + "; ".join(a["failures"])))
     if s.get("merge"):
         m = s["merge"]
@@ -821,8 +824,10 @@ def summary_markdown(s: dict) -> str:
 
 def console_table(s: dict) -> str:
     vs = s["variants"]
-    head = f"{'concept':<12} {'status':<10} {'before':>6} " + " ".join(f"{v[:6]:>7}" for v in vs) + "  | " + \
-           " ".join(f"{'kept ' + v[:3]:>9}" for v in vs) + "  | " + " ".join(f"{'leak ' + v[:3]:>9}" for v in vs)
+    short = {"separate": "sep", "merged": "merged", "sum": "sum", "joint": "joint"}
+    head = f"{'concept':<12} {'status':<10} {'before':>6} " + " ".join(f"{short[v]:>7}" for v in vs) + "  | " + \
+           " ".join(f"{'kept ' + short[v][:3]:>9}" for v in vs) + "  | " + \
+           " ".join(f"{'leak ' + short[v][:3]:>9}" for v in vs)
     lines = [f"target rate after / neighbours kept (min) / paraphrase leakage  ({s['metric']})", head]
     for r in s["concepts"]:
         V = r["variants"]
@@ -877,9 +882,6 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
             extra["merge"] = info
             variants["merged"] = evaluate_variant(oks, models, str(out / "merged" / "merged_delta.safetensors"),
                                                   out / "merged" / "eval", cache, num_actors, progress, "merged")
-            if batch.settings.evaluate_sum:
-                variants["sum"] = evaluate_variant(oks, models, str(out / "merged" / "sum_delta.safetensors"),
-                                                   out / "merged" / "sum_eval", cache, num_actors, progress, "sum")
         except Exception as e:  # noqa: BLE001 - the separate results stand; say what went wrong
             extra["merge"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
             progress(f"[batch] merge: failed -- {extra['merge']['error'].splitlines()[0]}")
@@ -894,6 +896,16 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
             except Exception as e:  # noqa: BLE001
                 extra["joint"]["eval_error"] = f"{type(e).__name__}: {e}"[:2000]
         timing["joint"] = time.time() - t
+    # the naive-sum baseline last: the merged and joint models come first when time is short
+    if not separate_only and batch.settings.merge and batch.settings.evaluate_sum and ok \
+            and extra.get("merge", {}).get("status") != "failed":
+        t = time.time()
+        try:
+            variants["sum"] = evaluate_variant(oks, models, str(out / "merged" / "sum_delta.safetensors"),
+                                               out / "merged" / "sum_eval", cache, num_actors, progress, "sum")
+        except Exception as e:  # noqa: BLE001
+            extra["merge"]["sum_eval_error"] = f"{type(e).__name__}: {e}"[:2000]
+        timing["sum"] = time.time() - t
     timing["total"] = time.time() - t0
     extra["timing"] = timing
     summary = write_summary(batch, out, statuses, variants, extra)
