@@ -419,7 +419,6 @@ def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=prin
             progress("[batch] merge: already done, skipped")
             return dict(info, skipped=True)
     mdir.mkdir(parents=True, exist_ok=True)
-    by = {c.name: c for c in batch.concepts}
     all_words = [_concept_words(c.cfg.concept, models.toy) for c in batch.concepts]
     concept_caps, preserve = [], []
     for n in names:
