@@ -203,7 +203,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     at the end; Ray Train checkpoints then default to `<output_dir>/ray`, so a rerun resumes from there.
     """
     from .config import concept_name
-    from .data import build_training_data, data_summary
+    from .data import build_training_data, data_summary, read_training_data
     from .evaluate import evaluate
     from .storage import check_remote_dir, is_remote, upload_dir
     from .train import run_training

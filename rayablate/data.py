@@ -68,14 +68,41 @@ class ClipMasker:
     def __call__(self, batch: dict) -> dict:
         caps = [str(c) for c in batch["target_caption"]]
         imgs = np.stack([decode_png(b) for b in batch["image"]]) if self.image_weight > 0 else None
-        sim = self.scorer.row_similarity(caps, self.texts, imgs, self.image_weight)
-        mask = (sim > self.threshold).astype(np.int64)
-        batch["clip_sim"] = sim.astype(np.float32)
-        batch["mask"] = mask
-        # Rows the mask leaves out are preservation rows: their anchor caption is their own caption.
-        batch["anchor_caption"] = np.array([a if m else t for a, t, m in
-                                            zip(batch["anchor_if_ablated"], caps, mask)], dtype=object)
-        return batch
+        batch["clip_sim"] = self.scorer.row_similarity(caps, self.texts, imgs, self.image_weight).astype(np.float32)
+        return apply_threshold(batch, self.threshold)
+
+
+def apply_threshold(batch: dict, threshold: float) -> dict:
+    """mask = clip_sim > threshold. Rows the mask leaves out are preservation rows: their anchor
+    caption is their own caption. Shards keep clip_sim and anchor_if_ablated, so this re-masks
+    written data for another threshold (Ray Tune) without generating anything again."""
+    mask = (np.asarray(batch["clip_sim"]) > threshold).astype(np.int64)
+    batch["mask"] = mask
+    batch["anchor_caption"] = np.array([str(a) if m else str(t) for a, t, m in
+                                        zip(batch["anchor_if_ablated"], batch["target_caption"], mask)], dtype=object)
+    return batch
+
+
+def _this_node_label(path: str) -> dict | None:
+    """Shards in a local folder live on the driver's disk: on a cluster without shared storage, only
+    the driver's node can read them, so reads are pinned there (their rows then travel by object store)."""
+    import ray
+
+    if "://" in path:
+        return None
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
+def read_training_data(path: str | Path, clip_threshold: float | None = None, num_cpus: float = 0.25):
+    """The parquet shards of `build_training_data` as a Ray Dataset, re-masked at `clip_threshold`
+    when given. Tasks take fractional CPUs: they share the machine with training workers."""
+    import ray
+
+    ds = ray.data.read_parquet(str(path), num_cpus=num_cpus, label_selector=_this_node_label(str(path)))
+    if clip_threshold is not None:
+        ds = ds.map_batches(apply_threshold, fn_kwargs={"threshold": float(clip_threshold)}, batch_format="numpy",
+                            num_cpus=num_cpus)
+    return ds
 
 
 def prompt_rows(cfg: AblationConfig, toy: bool) -> list[dict]:
@@ -188,7 +215,11 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    ds.write_parquet(str(tmp))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Written by tasks pinned to the driver's node: the folder is on its local disk (see _this_node_label).
+    ds.write_parquet(str(tmp), ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     (tmp / "_SUCCESS").write_text("ok\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

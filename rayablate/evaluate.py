@@ -36,12 +36,8 @@ class BeforeAfterGenerator:
         self.steps, self.guidance = steps, guidance
 
     def _gen(self, pipe, prompts, seeds):
-        import torch
-
-        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        out = pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
-                   output_type="np")
-        return np.array([encode_png(im) for im in np.round(out.images * 255).astype(np.uint8)], dtype=object)
+        imgs = sample_images(pipe, prompts, seeds, self.steps, self.guidance, self.device)
+        return np.array([encode_png(im) for im in imgs], dtype=object)
 
     def __call__(self, batch: dict) -> dict:
         prompts = [str(p) for p in batch["prompt"]]
@@ -51,12 +47,26 @@ class BeforeAfterGenerator:
         return batch
 
 
+def sample_images(pipe, prompts: list[str], seeds, steps: int, guidance: float, device: str = "cpu") -> np.ndarray:
+    """uint8 NxHxWx3 images of `pipe` for `prompts`, one seeded generator per image."""
+    import torch
+
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np")
+    return np.round(out.images * 255).astype(np.uint8)
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """The noise seed of a group's i-th evaluation prompt (before and after share it)."""
+    return seed * 7919 + i
+
+
 def generate_before_after(groups: list[P.EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
                           seed: int, num_actors: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """{group name: {"before": uint8 NxHxWx3, "after": ...}} through a Ray Data actor pool."""
     import ray
 
-    rows = [{"group": g.name, "prompt": p, "seed": seed * 7919 + i, "idx": i}
+    rows = [{"group": g.name, "prompt": p, "seed": prompt_seed(seed, i), "idx": i}
             for g in groups for i, p in enumerate(g.prompts)]
     res = {"num_gpus": 1, "num_cpus": 1} if cfg.use_gpu else {"num_cpus": 0.5}
     ds = ray.data.from_items(rows).map_batches(
