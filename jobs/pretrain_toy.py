@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", default=str(BUNDLE_DIR), help="where the bundle is written")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images", type=int, default=20000, help="renders in the training set")
-    ap.add_argument("--sd-steps", type=int, default=3300, help="UNet + text encoder training steps")
+    ap.add_argument("--sd-steps", type=int, default=5000, help="UNet + text encoder training steps")
     ap.add_argument("--sd-minutes", type=float, default=None, help="stop SD training after this many minutes")
     ap.add_argument("--probe-steps", type=int, default=600)
     ap.add_argument("--clip-steps", type=int, default=1200)
