@@ -246,7 +246,6 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     print(f"[rayablate]     {summary} in {time.time() - t:.0f}s", flush=True)
     print(f"[rayablate] 2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
           f"{cfg.precision}, group {cfg.param_group}", flush=True)
-    import ray
 
     t = time.time()
     train = run_training(cfg, read_training_data(data_dir), models.model_path, str(out),

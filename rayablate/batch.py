@@ -256,11 +256,10 @@ def _write_json(path: Path, obj) -> None:
 def run_concept(cfg: AblationConfig, out: str | Path, models, *, cpus_per_worker: float | None = None,
                 num_actors: int = 1, max_failures: int = 0, run_name: str | None = None) -> dict:
     """One concept end to end (what `ablate.ablate` does, with the batch's CPU share per worker)."""
-    import ray
     import torch
 
     from .ablate import check_inputs, check_output_dir
-    from .data import build_training_data, data_summary
+    from .data import build_training_data, data_summary, read_training_data
     from .evaluate import evaluate
     from .train import run_training
 
@@ -278,7 +277,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models, *, cpus_per_worker
                                    num_actors=num_actors, resolution=resolution)
     summary = data_summary(data_dir)
     log(f"training: {cfg.steps} steps, {cfg.num_workers} worker(s) x {cpus_per_worker or 'auto'} CPU")
-    train = run_training(cfg, ray.data.read_parquet(str(data_dir)), models.model_path, str(out), run_name=name,
+    train = run_training(cfg, read_training_data(data_dir), models.model_path, str(out), run_name=name,
                          resume=True, max_failures=max_failures, cpus_per_worker=cpus_per_worker)
     log("evaluation")
     metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.toy, models.probe,
@@ -506,7 +505,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
             if rows_dir.exists():
                 shutil.rmtree(rows_dir)
             tmp.rename(rows_dir)
-        from .data import data_summary
+        from .data import data_summary, read_training_data
 
         summ = data_summary(rows_dir)
         total = ray.cluster_resources().get("CPU", 1.0)
@@ -515,7 +514,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
             cpw = default_cpus_per_worker(total, 1, cfg.num_workers)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
-        train = run_training(cfg, ray.data.read_parquet(str(rows_dir)), models.model_path, str(jdir), run_name="joint",
+        train = run_training(cfg, read_training_data(rows_dir), models.model_path, str(jdir), run_name="joint",
                              resume=True, max_failures=batch.settings.max_failures, cpus_per_worker=cpw)
         st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
               "train_seconds": train["wall_s"], "wall_s": time.time() - t0}

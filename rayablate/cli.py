@@ -132,6 +132,58 @@ def _evaluate(argv) -> int:
     return guarded(run)
 
 
+def _tune(argv) -> int:
+    ap = argparse.ArgumentParser(prog="rayablate tune", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=(
+        "Ray Tune over whole ablation runs: each trial trains (Ray Train + DeepSpeed) and evaluates one\n"
+        "config; ASHA stops poor trials after the first rung. Searches clip_threshold, margin, lr_matcher,\n"
+        "lr_disc, w_con, w_adv, w_reg, w_pres. Objective = ablation x preservation - kid_weight x KID.\n"
+        "Then trains the default and the best config to the end and evaluates both on a held-out seed.\n\n"
+        "  python jobs/tune.py --num-samples 8\n"
+        "  python jobs/tune.py --param lr_matcher=loguniform:1e-4:1e-2 --param w_adv=choice:0,0.02\n"
+        "  python jobs/tune.py --space space.yaml --search clip_threshold lr_matcher\n\n"
+        "Writes trials.csv, best_config.yaml (jobs/train.py --config takes it), objective_vs_params.png,\n"
+        "tune_report.md, tune_summary.json and final/{default,best}/ reports into --output-dir."))
+    add_common_flags(ap)
+    ap.add_argument("--num-samples", type=int, default=8, help="trials (the first is the base config)")
+    ap.add_argument("--space", help="YAML: parameter -> {dist: uniform|loguniform, low, high} | "
+                                    "{dist: choice|grid, values: [...]} | a number (fixed)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                    help="override one parameter's prior: loguniform:1e-4:1e-2, uniform:0.2:0.3, choice:0,0.02, "
+                         "grid:1,2 or a number")
+    ap.add_argument("--search", nargs="+", metavar="NAME", help="search only these parameters (others stay fixed)")
+    ap.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (0: as many as the CPUs/GPUs hold)")
+    ap.add_argument("--rungs", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="training steps at which trials report, e.g. 50,100 (default: steps/2,steps)")
+    ap.add_argument("--trial-eval-images", type=int, default=16, help="images per prompt group in a trial")
+    ap.add_argument("--trial-workers", type=int, default=1, help="Ray Train workers per trial")
+    ap.add_argument("--kid-weight", type=float, default=1.0)
+    ap.add_argument("--search-seed", type=int, default=0)
+    ap.add_argument("--heldout-seed", type=int, default=None,
+                    help="evaluation seed of the final default-vs-best comparison (default: eval_seed + 1)")
+    ap.add_argument("--scheduler", default="asha", help="asha | fifo")
+    ap.add_argument("--no-final", action="store_true", help="skip the held-out default-vs-best comparison")
+    ap.add_argument("--user-data", help="extra image-text pairs (as for train)")
+    args = ap.parse_args(argv)
+
+    def run():
+        from .config import concept_name
+        from .tune import TuneSettings, load_space, tune_ablation
+
+        cfg = config_from_args(args)
+        space = load_space(cfg, args.space, args.param, args.search)
+        settings = TuneSettings(num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                                rungs=args.rungs or [], trial_eval_images=args.trial_eval_images,
+                                kid_weight=args.kid_weight, search_seed=args.search_seed,
+                                heldout_seed=args.heldout_seed, trial_workers=args.trial_workers,
+                                scheduler=args.scheduler, final=not args.no_final)
+        out = args.output_dir or os.path.join("outputs", "tune-" + concept_name(cfg.concept))
+        tune_ablation(cfg, space, settings, out, user_data=args.user_data)
+        print(f"results in {out}: trials.csv, best_config.yaml, objective_vs_params.png, tune_report.md")
+
+    return guarded(run)
+
+
 def _pretrain_toy(argv) -> int:
     import runpy
 
@@ -141,7 +193,7 @@ def _pretrain_toy(argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "pretrain-toy": _pretrain_toy}
+COMMANDS = {"train": _train, "evaluate": _evaluate, "tune": _tune, "pretrain-toy": _pretrain_toy}
 
 
 def guarded(fn) -> int:
@@ -194,6 +246,7 @@ def main(argv=None) -> int:
         print("usage: rayablate {" + ",".join(COMMANDS) + "} [--help]\n\n"
               "  train         ablate one concept end to end (Ray Data -> Ray Train + DeepSpeed -> report)\n"
               "  evaluate      evaluate a matcher delta against its base model\n"
+              "  tune          Ray Tune search of thresholds, margin, learning rates and loss weights\n"
               "  pretrain-toy  rebuild the bundled toy world")
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
     import signal

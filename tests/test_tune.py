@@ -1,0 +1,139 @@
+"""Ray Tune over ablation runs: the search space is checked, trials run Ray Train inside Tune, a failed
+trial does not stop the others, and best_config.yaml is a config jobs/train.py accepts."""
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from rayablate.config import AblationConfig, ConfigError, load_config
+from rayablate.tune import (SEARCHABLE, TuneSettings, apply_params, default_space, load_space, objective_parts,
+                            parse_flag, parse_param)
+
+
+@pytest.mark.parametrize("name,spec,field", [
+    ("lr_unet", {"dist": "loguniform", "low": 1e-4, "high": 1e-2}, "space.lr_unet"),
+    ("lr_matcher", {"dist": "loguniform", "low": 0.0, "high": 1e-2}, "space.lr_matcher.low"),
+    ("lr_matcher", {"dist": "uniform", "low": 1e-2, "high": 1e-4}, "space.lr_matcher"),
+    ("clip_threshold", {"dist": "uniform", "low": 0.5, "high": 1.5}, "space.clip_threshold"),
+    ("margin", {"dist": "gaussian", "low": 0.0, "high": 1.0}, "space.margin.dist"),
+    ("w_adv", {"dist": "choice", "values": []}, "space.w_adv.values"),
+    ("w_con", {"dist": "choice", "values": [0.1, -1.0]}, "space.w_con"),
+    ("w_reg", {"dist": "uniform", "low": 0.0, "hi": 1.0}, "space.w_reg.hi"),
+    ("w_pres", "lots", "space.w_pres"),
+])
+def test_invalid_search_space_is_refused_naming_the_parameter(name, spec, field):
+    with pytest.raises(ConfigError) as e:
+        parse_param(name, spec)
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+def test_space_from_yaml_and_flags(tmp_path):
+    cfg = AblationConfig()
+    f = tmp_path / "space.yaml"
+    f.write_text("space:\n  w_adv: {dist: choice, values: [0, 0.02]}\n  w_reg: 0.5\n")
+    space = load_space(cfg, f, ["lr_matcher=loguniform:1e-4:1e-2", "margin=grid:0.01,0.05"])
+    assert set(space) == set(SEARCHABLE)
+    assert space["w_adv"].dist == "choice" and space["w_adv"].values == [0.0, 0.02]
+    assert space["w_reg"].dist == "fixed" and space["w_reg"].values == [0.5]
+    assert (space["lr_matcher"].low, space["lr_matcher"].high) == (1e-4, 1e-2)
+    assert space["margin"].dist == "grid"
+    assert set(load_space(cfg, None, [], ["lr_matcher", "w_pres"])) == {"lr_matcher", "w_pres"}
+    with pytest.raises(ConfigError, match="space.steps"):
+        load_space(cfg, None, [], ["steps"])
+    with pytest.raises(ConfigError, match="space.lr_matcher"):
+        parse_flag("lr_matcher=loguniform:1e-2")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: [1, 2\n")
+    with pytest.raises(ConfigError, match="space"):
+        load_space(cfg, bad)
+
+
+def test_default_priors_are_centred_on_the_base_config():
+    cfg = AblationConfig(lr_matcher=2e-3, clip_threshold=0.7)
+    s = default_space(cfg)
+    assert s["lr_matcher"].dist == "loguniform"
+    assert math.isclose(math.sqrt(s["lr_matcher"].low * s["lr_matcher"].high), 2e-3)
+    assert s["clip_threshold"].low == pytest.approx(0.6) and s["clip_threshold"].high == pytest.approx(0.8)
+    c = apply_params(cfg, {"lr_matcher": 5e-4, "w_adv": 0.0})
+    assert c.lr_matcher == 5e-4 and c.w_adv == 0.0 and c.concept == cfg.concept
+
+
+def test_settings_refuse_bad_rungs_and_a_heldout_seed_equal_to_the_search_seed():
+    cfg = AblationConfig(steps=10, eval_seed=5)
+    assert TuneSettings().rung_steps(cfg) == [5, 10]
+    with pytest.raises(ConfigError, match="rungs"):
+        TuneSettings(rungs=[10, 5]).check(cfg)
+    with pytest.raises(ConfigError, match="heldout_seed"):
+        TuneSettings(heldout_seed=5).check(cfg)
+    with pytest.raises(ConfigError, match="num_samples"):
+        TuneSettings(num_samples=0).check(cfg)
+
+
+def test_objective_multiplies_ablation_and_preservation_and_subtracts_kid():
+    m = {"target": {"concept": "striped", "concept_rate_before": 0.9, "concept_rate_after": 0.1},
+         "anchor": {"concept": "plain", "concept_rate_before": 1.0, "concept_rate_after": 1.0, "kid": -0.002},
+         "neighbours.dotted": {"concept": "dotted", "concept_rate_before": 0.8, "concept_rate_after": 0.4,
+                               "kid": 0.02},
+         "paraphrases": {"concept": "striped", "concept_rate_before": 1.0, "concept_rate_after": 0.25},
+         "wall_seconds": 3.0}
+    p = objective_parts(m, kid_weight=1.0)
+    assert p["ablation"] == pytest.approx(0.9)
+    assert p["preservation"] == pytest.approx((1.0 + 0.5) / 2)
+    assert p["kid"] == pytest.approx(0.01)  # negative KID estimates count as 0
+    assert p["objective"] == pytest.approx(0.9 * 0.75 - 0.01)
+    assert p["paraphrase_leakage"] == 0.25 and p["keep/neighbours.dotted"] == pytest.approx(0.5)
+    # Without a probe (a real model): CLIP accuracy for the target, CLIP score ratios for preservation.
+    real = {"target": {"clip_accuracy_before": 1.0, "clip_accuracy_after": 0.2},
+            "anchor": {"clip_score_before": 0.30, "clip_score_after": 0.27, "kid": 0.0}}
+    q = objective_parts(real)
+    assert q["ablation"] == pytest.approx(0.8) and q["preservation"] == pytest.approx(0.9)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
+    """One 2-trial search on the tiny pipeline: lr_matcher on a grid whose second value diverges."""
+    import ray
+
+    from rayablate.tune import tune_ablation
+
+    ray.init(num_cpus=2, object_store_memory=250 * 1024 ** 2, include_dashboard=True)
+    try:
+        cfg = load_config(None, {"model": str(tiny_sd_path), "clip": str(tiny_clip_path),
+                                 "concept.target": "striped", "concept.anchor": "plain",
+                                 "concept.templates": ["a {} square", "a {} circle"],
+                                 "concept.neighbours": ["dotted"], "steps": 4, "batch_size": 4,
+                                 "num_anchor_images": 8, "eval_images": 4, "eval_steps": 2, "anchor_steps": 2,
+                                 "report_every": 2, "checkpoint_every": 2})
+        space = load_space(cfg, None, ["lr_matcher=grid:1e-3,1e30", "w_adv=0.0"], ["lr_matcher", "w_adv"])
+        out = tmp_path_factory.mktemp("tune") / "out"
+        summary = tune_ablation(cfg, space, TuneSettings(num_samples=1, trial_eval_images=4, rungs=[2, 4]), out)
+        yield out, summary
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_failing_trial_does_not_stop_the_others(search):
+    out, summary = search
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 2
+    by_lr = {float(r["lr_matcher"]): r for r in rows}
+    assert by_lr[1e-3]["status"] == "ok" and by_lr[1e-3]["steps"] == "4"
+    assert by_lr[1e30]["status"] == "failed" and by_lr[1e30]["error"]
+    assert summary["failed_trials"] == 1
+    assert np.isfinite(float(by_lr[1e-3]["objective"]))
+
+
+@pytest.mark.slow
+def test_search_writes_a_best_config_that_loads(search):
+    out, summary = search
+    cfg = load_config(out / "best_config.yaml")
+    assert cfg.lr_matcher == 1e-3 and cfg.w_adv == 0.0 and cfg.steps == 4
+    assert (out / "objective_vs_params.png").stat().st_size > 1000
+    assert "Default vs best" in (out / "tune_report.md").read_text()
+    assert not list(out.rglob("*.tmp"))
+    final = summary["final"]["best"]
+    assert summary["heldout_seed"] != summary["search_seed_eval"]
+    assert (out / "final" / "best" / "metrics.json").exists() and 0.0 <= final["ablation"] <= 1.0
