@@ -187,11 +187,19 @@ def init_ray(num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
+    import signal
+    import threading
+
+    # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (the CLI's stops cleanly).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
                  include_dashboard=False)
+    if callable(previous):
+        signal.signal(signal.SIGTERM, previous)
     return ray
 
 
