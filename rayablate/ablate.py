@@ -196,8 +196,16 @@ def init_ray(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
-                 include_dashboard=False)
+        for attempt in (1, 2):
+            try:
+                ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
+                         include_dashboard=False)
+                break
+            except Exception as e:  # a starved machine can miss the raylet's 30 s start-up deadline
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+                print(f"[rayablate] local Ray did not start ({e}); trying once more", flush=True)
     if callable(previous):
         signal.signal(signal.SIGTERM, previous)
     return ray

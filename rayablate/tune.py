@@ -393,8 +393,10 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
            "seed": cfg.eval_seed, "rungs": rungs, "kid_weight": settings.kid_weight,
            "trial_workers": settings.trial_workers, "cpus_per_worker": cpus_per_worker}
     default_point = {n: getattr(cfg, n) for n, p in space.items() if p.dist not in ("grid", "fixed")}
+    # The concurrency limit goes to the generator itself: Tune applies max_concurrent_trials only to
+    # Searchers, and silently ignores it for a BasicVariantGenerator passed in.
     searcher = BasicVariantGenerator(points_to_evaluate=[default_point] if default_point else None,
-                                     random_state=settings.search_seed)
+                                     max_concurrent=k, random_state=settings.search_seed)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1, reduction_factor=2)
                  if settings.scheduler == "asha" and len(rungs) > 1 else FIFOScheduler())
     # The Tune function only orchestrates: its trainer's workers and data tasks reserve the CPUs.
