@@ -422,10 +422,14 @@ def test_two_node_cluster_trains_on_both_nodes_with_outputs_and_checkpoints_in_s
         assert len(nodes) == 2, nodes
         node_b = [n["node_id"] for n in nodes if "node_b" in n["resources_total"]]
         assert len(node_b) == 1
-        sub = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
-                              "python", "jobs/train.py", *TINY, "--output-dir", uri,
-                              "--worker-resources", '{"train_slot": 1}'],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        for _ in range(12):  # right after `ray start` the job agent may not be up yet ("No available agent")
+            sub = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                                  "python", "jobs/train.py", *TINY, "--output-dir", uri,
+                                  "--worker-resources", '{"train_slot": 1}'],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+            if "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(5)
         if sub.returncode != 0:  # pytest.fail shows the job's log whole, where an assert would abbreviate it
             pytest.fail(f"job failed:\n{sub.stdout[-6000:]}\n{sub.stderr[-3000:]}")
         assert "succeeded" in (sub.stdout + sub.stderr).lower()

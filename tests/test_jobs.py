@@ -98,6 +98,8 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
     # Token auth on for head and client alike: the client then sends ~/.ray/auth_token.
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    # The submitted `python` must be this interpreter (with the project installed), activated or not.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                             "--object-store-memory", str(300 * 1024 ** 2), "--disable-usage-stats"],
@@ -105,9 +107,13 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
     assert start.returncode == 0, start.stderr
     out = tmp_path / "submitted"
     try:
-        sub = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-                              "--", "python", "jobs/train.py", *TINY, "--output-dir", str(out)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        for _ in range(12):  # right after `ray start` the job agent may not be up yet ("No available agent")
+            sub = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+                                  ".", "--", "python", "jobs/train.py", *TINY, "--output-dir", str(out)],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+            if "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(5)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
         assert "succeeded" in (sub.stdout + sub.stderr).lower()  # "Job 'raysubmit_...' succeeded"
         check_outputs(out)
