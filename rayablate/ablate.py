@@ -274,9 +274,9 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
                        extra={"data": summary, "restarts": train["worker_restarts"],
                               "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"]})
     metrics["wall_seconds"] = time.time() - t0
-    from .evaluate import _write_json
+    from .files import write_json
 
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     print(console_summary(metrics), flush=True)
     return metrics
 

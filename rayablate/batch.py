@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_json
 from .config import AblationConfig, ConfigError, concept_name, config_from_dict, save_config, to_dict
 
 STATUS_NAME = "status.json"
@@ -247,12 +248,6 @@ def concept_done(out: Path) -> bool:
     return st.get("status") == "succeeded" and (out / "metrics.json").exists()
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
-
-
 def run_concept(cfg: AblationConfig, out: str | Path, models, *, cpus_per_worker: float | None = None,
                 num_actors: int = 1, max_failures: int = 0, run_name: str | None = None) -> dict:
     """One concept end to end (what `ablate.ablate` does, with the batch's CPU share per worker)."""
@@ -284,7 +279,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models, *, cpus_per_worker
                        train_history=train["metrics"], num_actors=num_actors,
                        extra={"data": summary, "restarts": train["worker_restarts"], "train_seconds": train["wall_s"]})
     metrics["wall_seconds"] = time.time() - t0
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -306,7 +301,7 @@ def _concept_task_fn(cfg_dict: dict, out: str, models: dict, cpus_per_worker, nu
               "traceback": traceback.format_exc()[-6000:]}
     try:
         outp.mkdir(parents=True, exist_ok=True)
-        _write_json(outp / STATUS_NAME, st)
+        write_json(outp / STATUS_NAME, st)
     except OSError:
         pass
     return st
@@ -361,7 +356,7 @@ def run_separate(batch: Batch, out: Path, models, num_actors: int = 1, progress=
                       "wall_s": time.time() - started}
                 try:
                     (out / "concepts" / c.name).mkdir(parents=True, exist_ok=True)
-                    _write_json(out / "concepts" / c.name / STATUS_NAME, st)
+                    write_json(out / "concepts" / c.name / STATUS_NAME, st)
                 except OSError:
                     pass
             st = dict(st, skipped=False)
@@ -433,7 +428,7 @@ def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=prin
     report["relative_residual"] = {names[int(k)]: v for k, v in report["relative_residual"].items()}
     info = {"concepts": names, "seconds": time.time() - t, **report,
             "note": "least squares on cross-attention k/v weights; any other tensor is the naive sum"}
-    _write_json(info_path, info)
+    write_json(info_path, info)
     progress(f"[batch] merge: {len(report['least_squares'])} k/v weights by least squares over "
              f"{sum(report['num_concept_captions'])} concept + {len(preserve)} preservation captions, "
              f"{len(report['summed'])} summed; in {info['seconds']:.1f}s")
@@ -522,7 +517,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         st = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "concepts": names,
               "wall_s": time.time() - t0, "traceback": traceback.format_exc()[-6000:]}
         progress(f"[batch] joint: failed -- {st['error'].splitlines()[0]}")
-    _write_json(st_path, st)
+    write_json(st_path, st)
     return dict(st, skipped=False)
 
 
@@ -672,7 +667,7 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
         (d / "report.md").write_text(report_markdown(metrics, groups[c.name]).replace(
             "# Ablation report:", f"# Ablation report ({label} model):"))
         save_grid(grid_rows, d / "grid.png", scale=3, labels=labels)
-        _write_json(d / "metrics.json", metrics)  # last: its presence means this concept is evaluated
+        write_json(d / "metrics.json", metrics)  # last: its presence means this concept is evaluated
         done[c.name] = metrics
     progress(f"[batch] {label} evaluation: done in {time.time() - t0:.0f}s")
     return done
@@ -746,7 +741,7 @@ def write_summary(batch: Batch, out: Path, statuses: dict[str, dict], variants: 
                "variants": [v for v in VARIANTS if v in variants],
                "concepts": rows, **extra,
                "acceptance": {v: acceptance(rows, v) for v in VARIANTS if v in variants}}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(summary_markdown(summary))
     return summary
 

@@ -7,13 +7,13 @@ and `kid` (before vs after, on CLIP image features) for anchor and neighbour gro
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import prompts as P
+from .files import write_json
 from .config import AblationConfig, to_dict
 from .images import decode_png, encode_png, save_grid
 
@@ -146,7 +146,7 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
     metrics["config"] = to_dict(cfg)
     if extra:
         metrics.update(extra)
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     tmp = out / "report.md.tmp"  # a temporary name, then rename: never a half-written report
     tmp.write_text(report_markdown(metrics, groups))
     tmp.replace(out / "report.md")
@@ -160,12 +160,6 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
     if train_history:
         plot_losses(train_history, out / "loss_curve.png")
     return metrics
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
 
 
 def fmt(v) -> str:

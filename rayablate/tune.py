@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from .files import write_json, write_text
 from .config import AblationConfig, ConfigError, config_from_dict, save_config, to_dict
 
 SEARCHABLE = ("clip_threshold", "margin", "lr_matcher", "lr_disc", "w_con", "w_adv", "w_reg", "w_pres")
@@ -319,9 +320,7 @@ def run_trial(params: dict, ctx: dict) -> None:
                                  ctx["groups"], ctx["before"], ctx["seed"])
         parts = objective_parts(metrics, ctx["kid_weight"])
         last = train["metrics"][-1] if train["metrics"] else {}
-        tmp = trial_dir / "progress.json.tmp"
-        tmp.write_text(json.dumps({"steps": steps, "params": params, **parts}, indent=1))
-        tmp.replace(trial_dir / "progress.json")
+        write_json(trial_dir / "progress.json", {"steps": steps, "params": params, **parts})
         tune.report({**parts, "steps": steps, "loss": float(last.get("loss", float("nan"))),
                      "trial_dir": str(trial_dir)})
 
@@ -371,7 +370,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
             apply_params(cfg, {name: v})
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "base_config.yaml")
-    _write_text(out / "space.yaml", yaml.safe_dump({k: p.as_dict() for k, p in space.items()}, sort_keys=False))
+    write_text(out / "space.yaml", yaml.safe_dump({k: p.as_dict() for k, p in space.items()}, sort_keys=False))
     init_ray()
     k, cpus_per_worker = _resources(cfg, settings)
     rungs = settings.rung_steps(cfg)
@@ -442,8 +441,8 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                 continue
             summary["final"][label] = _final_eval(label, c, trial, ctx, models, out, settings)
     summary["wall_seconds"] = time.time() - t0
-    _write_text(out / "tune_summary.json", json.dumps(summary, indent=1, default=float))
-    _write_text(out / "tune_report.md", report_markdown(summary, trials, space))
+    write_text(out / "tune_summary.json", json.dumps(summary, indent=1, default=float))
+    write_text(out / "tune_report.md", report_markdown(summary, trials, space))
     print(console_table(summary), flush=True)
     return summary
 
@@ -508,12 +507,6 @@ def _public(t: dict | None) -> dict | None:
 
 def _fmt_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _write_trials_csv(path: Path, trials: list[dict], space: dict[str, Param]) -> None:
