@@ -213,7 +213,8 @@ def guarded(fn) -> int:
         print(f"error: training diverged: {e}; no delta was saved for that step", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
-        name = str(e) if str(e) in ("SIGTERM",) else "SIGINT"
+        # Ray may catch the handler's exception and raise a fresh KeyboardInterrupt: the flag says which.
+        name = "SIGTERM" if (_SIGNALS_SEEN and _SIGNALS_SEEN[-1] == "SIGTERM") or str(e) == "SIGTERM" else "SIGINT"
         _stop_after_interrupt()
         print(f"error: interrupted ({name}); no half-written file is left. Re-run the same command to resume "
               f"from the latest checkpoint", file=sys.stderr)
@@ -235,7 +236,11 @@ def _stop_after_interrupt() -> None:
         remove_partial_outputs(out, run_dir if local else None)
 
 
+_SIGNALS_SEEN: list[str] = []
+
+
 def _sigterm_as_interrupt(signum, frame):
+    _SIGNALS_SEEN.append("SIGTERM")
     raise KeyboardInterrupt("SIGTERM")
 
 
