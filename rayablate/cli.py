@@ -207,6 +207,10 @@ def guarded(fn) -> int:
         fn()
     except (ConfigError, PipelineLoadError, DeltaError, DataError, ClipLoadError, PermissionError,
             NotADirectoryError, FileNotFoundError) as e:
+        if os.environ.get("RAYABLATE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as e:  # bad settings (a learning rate too high) or bad data: bad input too

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from rayablate.config import AblationConfig, to_dict
+from test_jobs import ray_pids_under
 from rayablate.train import DELTA_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,18 +222,6 @@ eval_steps: 4
 """
 
 
-def _processes_under(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
-
-
 def _partial_files(out: Path) -> list[str]:
     """Temporaries, and Ray Train checkpoint folders that the run's snapshot does not list."""
     bad = [str(p) for p in out.rglob("*") if ".tmp" in p.name]
@@ -275,7 +264,7 @@ def test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_res
         assert proc.returncode == 128 + sig, text[-3000:]
         assert f"error: interrupted ({signal.Signals(sig).name})" in text and "Re-run the same command" in text
         # the driver's local Ray went down with it
-        _wait(lambda: not _processes_under(ray_tmp), 30, "the interrupted run's Ray processes to exit")
+        _wait(lambda: not ray_pids_under(ray_tmp), 30, "the interrupted run's Ray processes to exit")
         assert not _partial_files(out), _partial_files(out)
         assert not (out / DELTA_NAME).exists()  # training had not finished
         return text
@@ -303,7 +292,7 @@ def test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_res
     finally:
         for log in logs:
             log.close()
-        for pid in _processes_under(ray_tmp):  # only this test's Ray, found by its RAY_TMPDIR
+        for pid in ray_pids_under(ray_tmp):  # only this test's Ray, found by its RAY_TMPDIR
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

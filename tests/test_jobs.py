@@ -102,6 +102,8 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            # its own job-agent port: another Ray on this machine may hold the default 52365
+                            "--dashboard-agent-listen-port", str(free_port()),
                             "--object-store-memory", str(300 * 1024 ** 2), "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr
@@ -121,14 +123,19 @@ def test_ray_job_submit_against_a_started_head(tmp_path):
         stop_ray_under(ray_tmp)
 
 
-def stop_ray_under(ray_tmp: Path) -> None:
-    """Stop the test's own head: every process whose command line names its RAY_TMPDIR.
+def _has_open_file_under(proc: Path, prefix: str) -> bool:
+    try:
+        return any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
 
-    `ray stop` would kill every Ray process on the machine, other sessions' included.
-    """
-    import signal
 
-    marker = str(ray_tmp)
+def ray_pids_under(ray_tmp) -> list[int]:
+    """The processes of the Ray whose RAY_TMPDIR is `ray_tmp`: their command line names it, or (Ray's
+    agents rename themselves, `ray::DashboardAgent`, and drop RAY_TMPDIR from their environment) they
+    keep log files under it open."""
+    marker = str(ray_tmp).rstrip("/")
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -136,8 +143,19 @@ def stop_ray_under(ray_tmp: Path) -> None:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmd:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if marker + "/" in cmd or marker + " " in cmd or cmd.rstrip().endswith(marker) \
+                or _has_open_file_under(proc, marker + "/"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_ray_under(ray_tmp: Path) -> None:
+    """Stop the test's own Ray, found by its RAY_TMPDIR (`ray stop` would kill every Ray process on the
+    machine, other sessions' included)."""
+    import signal
+
+    for pid in ray_pids_under(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
