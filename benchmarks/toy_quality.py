@@ -29,7 +29,6 @@ def main() -> int:
     ap.add_argument("--bundle", default=None, help="bundle folder (default: the bundled one)")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import write_json
 from .config import AblationConfig, ConfigError, concept_name, config_from_dict, save_config, to_dict
+from .files import atomic, write_json
 
 STATUS_NAME = "status.json"
 VARIANTS = ("separate", "merged", "sum", "joint")
@@ -589,9 +589,8 @@ def generate_images(rows: list[dict], model_path: str, delta_path: str | None, n
 
 
 def _save_npz(path: Path, images: dict[tuple[str, str], np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **{f"{c}|{g}": v for (c, g), v in images.items()})
-    tmp.replace(path)
+    with atomic(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **{f"{c}|{g}": v for (c, g), v in images.items()})
 
 
 def _load_npz(path: Path) -> dict[tuple[str, str], np.ndarray]:
@@ -749,7 +748,7 @@ def write_summary(batch: Batch, out: Path, statuses: dict[str, dict], variants: 
 def summary_markdown(s: dict) -> str:
     vs = s["variants"]
     metric = {"concept_rate": "concept rate (attribute probe)", "clip_accuracy": "CLIP accuracy"}[s["metric"]]
-    lines = [f"# Batch ablation summary", "", f"batch file: `{s['batch']}`; metric: {metric}.", "",
+    lines = ["# Batch ablation summary", "", f"batch file: `{s['batch']}`; metric: {metric}.", "",
              "Variants: **separate** = each concept's own model; **merged** = one model, least-squares merge of "
              "the separate deltas' cross-attention k/v weights; **sum** = naive sum of the deltas (baseline); "
              "**joint** = one training run over all concepts' rows with one shared matcher.", "",

@@ -185,11 +185,9 @@ def to_dict(cfg: AblationConfig) -> dict:
 
 
 def save_config(cfg: AblationConfig, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from .files import write_text
+
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from . import prompts as P
-from .files import write_json
 from .config import AblationConfig, to_dict
+from .files import atomic, write_json, write_text
 from .images import decode_png, encode_png, save_grid
 
 
@@ -147,9 +147,7 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
     if extra:
         metrics.update(extra)
     write_json(out / "metrics.json", metrics)
-    tmp = out / "report.md.tmp"  # a temporary name, then rename: never a half-written report
-    tmp.write_text(report_markdown(metrics, groups))
-    tmp.replace(out / "report.md")
+    write_text(out / "report.md", report_markdown(metrics, groups))
     rows, labels = [], []
     for g in groups:
         for i in range(min(2, len(g.prompts))):
@@ -210,7 +208,6 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)

@@ -3,15 +3,24 @@ reader never sees a half-written file and an interrupted run leaves only a `*.tm
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text(path: str | Path, text: str) -> Path:
+@contextmanager
+def atomic(path: str | Path, suffix: str = ""):
+    """Yield a temporary path beside `path` (`name.tmp`, plus `suffix` for writers that pick the format
+    from the extension, e.g. ".png"); once the block ends without error, rename it over `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    yield tmp
     tmp.replace(path)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, obj) -> Path:

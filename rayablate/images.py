@@ -61,8 +61,8 @@ def save_grid(rows: Sequence[np.ndarray], path: str | Path, scale: int = 3, labe
         d = ImageDraw.Draw(im)
         for i, s in enumerate(labels):
             d.text((4, i * h * scale + h * scale // 2 - 5), s, fill=(0, 0, 0))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    im.save(tmp)
-    tmp.replace(path)
-    return path
+    from .files import atomic
+
+    with atomic(path, ".png") as tmp:
+        im.save(tmp)
+    return Path(path)

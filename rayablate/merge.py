@@ -150,20 +150,9 @@ def base_tensors(pipe, names: Iterable[str]) -> dict[str, torch.Tensor]:
 def write_delta(pipe, tensors: dict[str, torch.Tensor], path: str | Path, group: str,
                 extra_metadata: dict[str, str] | None = None) -> Path:
     """Write merged tensors in the format `pipeline.apply_delta` reads (same architecture fingerprint)."""
-    import os
+    from .pipeline import write_delta_file
 
-    from safetensors.torch import save_file
-
-    from .pipeline import DELTA_FORMAT, architecture_fingerprint
-
-    meta = {"format": DELTA_FORMAT, "group": group, "architecture": architecture_fingerprint(pipe)}
-    meta.update(extra_metadata or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_delta_file(pipe, tensors, path, group, extra_metadata)
 
 
 def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions: list[list[str]],

@@ -226,18 +226,25 @@ def export_delta(pipe, group: str, path: str | os.PathLike, base_state: dict[str
     `base_state` (from `matcher_state` before training) restricts the file to tensors that
     actually changed; without it every tensor of the group is written.
     """
-    from safetensors.torch import save_file
-
     state = matcher_state(pipe, group)
     if base_state is not None:
         state = {k: v for k, v in state.items() if not torch.equal(v, base_state[k].to(v.dtype))}
+    return write_delta_file(pipe, state, path, group, extra_metadata)
+
+
+def write_delta_file(pipe, tensors: dict[str, torch.Tensor], path: str | os.PathLike, group: str,
+                     extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (full values) as a delta file of `pipe`'s architecture, atomically."""
+    from safetensors.torch import save_file
+
+    from .files import atomic
+
     meta = {"format": DELTA_FORMAT, "group": group, "architecture": architecture_fingerprint(pipe)}
     meta.update(extra_metadata or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from . import losses as L
 from .config import AblationConfig, config_from_dict, to_dict
 from .discriminator import LatentDiscriminator
+from .files import atomic, write_json
 from .pipeline import export_delta, load_pipeline, matcher_state, set_matcher, text_encoders
 
 DELTA_NAME = "matcher_delta.safetensors"
@@ -396,8 +397,8 @@ class AblationWorker:
                 raise FileNotFoundError(os.path.join(directory, "ds_matcher", tag))
             if self.disc_engine is not None:
                 if not os.path.isdir(os.path.join(directory, "ds_disc", tag)):
-                    print(f"[rayablate.train] checkpoint has no discriminator state (w_adv was 0); "
-                          f"the discriminator starts fresh", flush=True)
+                    print("[rayablate.train] checkpoint has no discriminator state (w_adv was 0); "
+                          "the discriminator starts fresh", flush=True)
                 else:
                     self.disc_engine.load_checkpoint(os.path.join(directory, "ds_disc"), tag=tag)
         except Exception as e:
@@ -760,16 +761,11 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     ret = result.return_value or {}
     delta_path = output_dir / DELTA_NAME
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d, atomic(delta_path) as tmp:
         state = json.loads(Path(d, STATE_NAME).read_text())
-        tmp = delta_path.with_name(delta_path.name + ".tmp")
         shutil.copyfile(Path(d, DELTA_NAME), tmp)
-        os.replace(tmp, delta_path)
     history = ret.get("history") or state.get("history", [])
-    metrics_path = output_dir / METRICS_NAME
-    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, metrics_path)
+    metrics_path = write_json(output_dir / METRICS_NAME, history)
     return {
         "delta_path": str(delta_path),
         "metrics": history,

@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from .files import write_json, write_text
 from .config import AblationConfig, ConfigError, config_from_dict, save_config, to_dict
+from .files import atomic, write_json, write_text
 
 SEARCHABLE = ("clip_threshold", "margin", "lr_matcher", "lr_disc", "w_con", "w_adv", "w_reg", "w_pres")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "fixed")
@@ -514,14 +514,12 @@ def _write_trials_csv(path: Path, trials: list[dict], space: dict[str, Param]) -
     cols = (["trial_id", "status", "is_default", "steps", "stopped_early"] + list(space) +
             ["objective", "ablation", "preservation", "kid", "target_rate_after", "paraphrase_leakage", "loss"] +
             keep_cols + ["error"])
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for t in trials:
             row = {**t, **t["params"], **t["keeps"]}
             w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
-    tmp.replace(path)
 
 
 def plot_objective(trials: list[dict], space: dict[str, Param], path: Path) -> None:
@@ -561,10 +559,9 @@ def plot_objective(trials: list[dict], space: dict[str, Param], path: Path) -> N
     uniq = dict(zip(labels, handles))
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _f(v, nd=3) -> str:

@@ -9,7 +9,6 @@ tests/test_faults.py checks that such a run exits 2 through the CLI.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
