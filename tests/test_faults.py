@@ -244,7 +244,10 @@ def test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_res
     def start(i: int):
         log = open(tmp_path / f"run{i}.log", "w+")
         logs.append(log)
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
+        # SIGINT back to its default: a test run started in the background (`pytest &`) has it ignored,
+        # and a Python child then never raises KeyboardInterrupt
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)), log
 
     def step_of(name: str) -> int:
         return int(name.removeprefix("checkpoint_step"))
