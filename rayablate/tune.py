@@ -439,6 +439,12 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
             if trial is None or trial["status"] != "ok":
                 summary["final"][label] = {"error": (trial or {}).get("error", "no trial")}
                 continue
+            if label == "best" and default is not None and trial["trial_id"] == default["trial_id"] \
+                    and "objective" in summary["final"].get("default", {}):
+                # the default won: the same trial, trained and evaluated once
+                summary["final"]["best"] = dict(summary["final"]["default"], same_as_default=True)
+                print("[tune]     best: the default config itself (evaluated above)", flush=True)
+                continue
             summary["final"][label] = _final_eval(label, c, trial, ctx, models, out, settings)
     summary["wall_seconds"] = time.time() - t0
     write_text(out / "tune_summary.json", json.dumps(summary, indent=1, default=float))
@@ -581,6 +587,7 @@ def report_markdown(summary: dict, trials: list[dict], space: dict[str, Param]) 
             if "error" in r:
                 lines.append(f"| {label} | failed: {r['error']} | | | | | |")
             else:
+                label = f"{label} (= default)" if r.get("same_as_default") else label
                 lines.append(f"| {label} | {_f(r['objective'])} | {_f(r['ablation'])} | {_f(r['preservation'])} | "
                              f"{_f(r['kid'], 4)} | {_f(r['target_rate_after'])} | {_f(r.get('paraphrase_leakage'))} |")
         lines.append("")
