@@ -120,6 +120,10 @@ def main() -> int:
         m = json.loads((out / "metrics.json").read_text())
         print(f"\nend-to-end default job (python jobs/train.py): {wall:.0f} s wall "
               f"(job's own wall_seconds {m['wall_seconds']:.0f} s, training {m.get('train_seconds', 0):.0f} s)")
+        from rayablate.ablate import console_summary
+
+        print("what it ablated (concept rate by the probe, before -> after):")
+        print(console_summary(m))
     return 0
 
 
