@@ -284,7 +284,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
 def console_summary(metrics: dict) -> str:
     lines = [f"{'group':<24} {'rate before':>11} {'after':>7} {'clip acc':>9} {'after':>7} {'KID':>7}"]
     for k, m in metrics.items():
-        if not isinstance(m, dict) or "concept" not in m:
+        if not isinstance(m, dict) or "concept_rate_before" not in m:
             continue
         f = lambda v: "–" if v is None else f"{v:.3f}"
         lines.append(f"{k:<24} {f(m.get('concept_rate_before')):>11} {f(m.get('concept_rate_after')):>7} "
