@@ -760,7 +760,7 @@ def write_summary(batch: Batch, out: Path, statuses: dict[str, dict], variants: 
                "concepts": rows, **extra,
                "acceptance": {v: acceptance(rows, v) for v in VARIANTS if v in variants}}
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_text(out / "summary.md", summary_markdown(summary))
     return summary
 
 

@@ -216,9 +216,9 @@ def guarded(fn) -> int:
     except FloatingPointError as e:  # bad settings (a learning rate too high) or bad data: bad input too
         print(f"error: training diverged: {e}; no delta was saved for that step", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         # Ray may catch the handler's exception and raise a fresh KeyboardInterrupt: the flag says which.
-        name = "SIGTERM" if (_SIGNALS_SEEN and _SIGNALS_SEEN[-1] == "SIGTERM") or str(e) == "SIGTERM" else "SIGINT"
+        name = "SIGTERM" if _GOT_SIGTERM else "SIGINT"
         _stop_after_interrupt()
         print(f"error: interrupted ({name}); no half-written file is left. Re-run the same command to resume "
               f"from the latest checkpoint", file=sys.stderr)
@@ -240,11 +240,12 @@ def _stop_after_interrupt() -> None:
         remove_partial_outputs(out, run_dir if local else None)
 
 
-_SIGNALS_SEEN: list[str] = []
+_GOT_SIGTERM = False
 
 
 def _sigterm_as_interrupt(signum, frame):
-    _SIGNALS_SEEN.append("SIGTERM")
+    global _GOT_SIGTERM
+    _GOT_SIGTERM = True
     raise KeyboardInterrupt("SIGTERM")
 
 

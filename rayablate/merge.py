@@ -147,19 +147,11 @@ def base_tensors(pipe, names: Iterable[str]) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().to("cpu", torch.float32).clone() for n in names}
 
 
-def write_delta(pipe, tensors: dict[str, torch.Tensor], path: str | Path, group: str,
-                extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write merged tensors in the format `pipeline.apply_delta` reads (same architecture fingerprint)."""
-    from .pipeline import write_delta_file
-
-    return write_delta_file(pipe, tensors, path, group, extra_metadata)
-
-
 def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions: list[list[str]],
                       preserve_captions: list[str], out_ls: str | Path, out_sum: str | Path | None = None,
                       lam: float = 1.0, ridge: float = 1e-3, prior: str = "sum") -> dict:
     """Merge delta files of one base model; write the least-squares merge (and the naive sum)."""
-    from .pipeline import load_pipeline, read_delta
+    from .pipeline import load_pipeline, read_delta, write_delta_file
 
     if len(delta_paths) != len(concept_captions):
         raise ValueError("one caption list per delta is needed")
@@ -175,9 +167,9 @@ def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions:
     gram0 = gram(caption_embeddings(pipe, preserve_captions)) if preserve_captions else None
     merged, report = merge_tensors(base, deltas, grams, gram0, lam, ridge, prior)
     group = groups.pop() if len(groups) == 1 else "mixed"
-    write_delta(pipe, merged, out_ls, group, {"merge": "least-squares", "concepts": str(len(deltas))})
+    write_delta_file(pipe, merged, out_ls, group, {"merge": "least-squares", "concepts": str(len(deltas))})
     if out_sum is not None:
-        write_delta(pipe, naive_sum(base, deltas), out_sum, group, {"merge": "sum", "concepts": str(len(deltas))})
+        write_delta_file(pipe, naive_sum(base, deltas), out_sum, group, {"merge": "sum", "concepts": str(len(deltas))})
     # how well each concept's own edit survives the merge, on its own captions (relative residual)
     report["relative_residual"] = {}
     for i, caps_g in enumerate(grams):

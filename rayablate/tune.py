@@ -447,7 +447,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                 continue
             summary["final"][label] = _final_eval(label, c, trial, ctx, models, out, settings)
     summary["wall_seconds"] = time.time() - t0
-    write_text(out / "tune_summary.json", json.dumps(summary, indent=1, default=float))
+    write_json(out / "tune_summary.json", summary)
     write_text(out / "tune_report.md", report_markdown(summary, trials, space))
     print(console_table(summary), flush=True)
     return summary
