@@ -198,8 +198,11 @@ def init_ray(num_cpus: int | None = None):
     else:
         for attempt in (1, 2):
             try:
+                # The dashboard (on 127.0.0.1) serves the state API: Ray Train V2's placement-group
+                # cleaner asks it every second whether the trainer is alive; without it, it cannot
+                # clean up after a dead trainer and warns on every check.
                 ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
-                         include_dashboard=False)
+                         include_dashboard=True, dashboard_host="127.0.0.1")
                 break
             except Exception as e:  # a starved machine can miss the raylet's 30 s start-up deadline
                 ray.shutdown()
