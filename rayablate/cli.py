@@ -33,6 +33,8 @@ OVERRIDES = {
     "w_con": ("w_con", float, "contrastive weight (0 disables the term)"),
     "w_adv": ("w_adv", float, "adversarial weight (0 disables the discriminator)"),
     "num_anchor_images": ("num_anchor_images", int, "anchor images to generate"),
+    "num_preservation_images": ("num_preservation_images", int,
+                                "preservation rows: neighbour captions (half) and other captions, kept as they are"),
     "eval_images": ("eval_images", int, "images per evaluation prompt group"),
     "seed": ("seed", int, "random seed"),
     "storage_path": ("storage_path", str, "Ray Train storage: a folder or s3:// / gs:// URI"),

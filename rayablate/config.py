@@ -75,6 +75,8 @@ class AblationConfig:
     seed: int = 0
     # data
     num_anchor_images: int = 64
+    # Preservation rows (c_i, c_i): captions of the neighbours (half of them) and of other things.
+    num_preservation_images: int = 32
     anchor_steps: int = 20
     guidance_scale: float = 4.0
     # scale-out
@@ -253,6 +255,8 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
                  "eval_steps", "report_every", "checkpoint_every", "lora_rank"):
         if getattr(cfg, name) < 1:
             raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_preservation_images < 0:
+        raise ConfigError("num_preservation_images", f"must be >= 0, got {cfg.num_preservation_images}")
     if cfg.guidance_scale < 1.0:
         raise ConfigError("guidance_scale", f"must be >= 1, got {cfg.guidance_scale}")
     return cfg

@@ -109,7 +109,7 @@ def prompt_rows(cfg: AblationConfig, toy: bool) -> list[dict]:
     """Rows to generate: ablation candidates (c*, c) and preservation candidates (c_i, c_i)."""
     spec = cfg.concept
     pairs = P.caption_pairs(spec, cfg.num_anchor_images, cfg.seed, toy)
-    keep = P.preservation_captions(spec, max(1, cfg.num_anchor_images // 2), cfg.seed + 1, toy)
+    keep = P.preservation_captions(spec, cfg.num_preservation_images, cfg.seed + 1, toy)
     rows = [{"target_caption": c_star, "anchor_caption": c, "anchor_if_ablated": c} for c_star, c in pairs]
     rows += [{"target_caption": c, "anchor_caption": c, "anchor_if_ablated": P.anchorize(c, spec, toy)} for c in keep]
     for i, r in enumerate(rows):
