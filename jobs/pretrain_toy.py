@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-images", type=int, default=20000, help="renders in the training set")
     ap.add_argument("--sd-steps", type=int, default=5000, help="UNet + text encoder training steps")
     ap.add_argument("--sd-minutes", type=float, default=None, help="stop SD training after this many minutes")
-    ap.add_argument("--probe-steps", type=int, default=600)
+    ap.add_argument("--probe-steps", type=int, default=1000)
     ap.add_argument("--clip-steps", type=int, default=1200)
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))

@@ -51,6 +51,25 @@ def test_probe_rejects_noise(judge):
     assert judge.concept_rate(noise, "circle") <= 0.05
 
 
+def test_probe_answers_do_not_flip_under_an_invisible_tint(paths, judge):
+    """Generated checkered shapes, then red and blue lowered by 12 levels (5 %): the pattern answer
+    must hold. A probe trained without photometric jitter read 15 of these 32 as striped."""
+    from rayablate.evaluate import sample_images
+    from rayablate.pipeline import load_pipeline
+
+    pipe = load_pipeline(paths["sd"])
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p for p, _ in world.iter_prompts_naming("checkered", 32, seed=5)]
+    images = sample_images(pipe, prompts, range(32), 10, 4.0)
+    tinted = images.astype(int)
+    tinted[..., [0, 2]] -= 12
+    tinted = np.clip(tinted, 0, 255).astype(np.uint8)
+    before = judge.concept_mask(images, "checkered")
+    after = judge.concept_mask(tinted, "checkered")
+    assert before.mean() >= 0.75, before.mean()
+    assert (before & ~after).sum() <= 2, (before.mean(), after.mean())
+
+
 def test_tokenizer_round_trips_captions(paths):
     from transformers import CLIPTokenizer
 
