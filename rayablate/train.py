@@ -45,6 +45,63 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # --- small pure helpers -----------------------------------------------------------------------
 
+# A worker keeps its data shard in memory when it is at most this large (RAYABLATE_SHARD_CACHE_MB;
+# 0 = never): every epoch after the first then shuffles and batches in memory instead of running
+# the Ray Data pipeline again (read, re-mask, split). On the toy world that restart cost ~5 s an
+# epoch, and an epoch is 6 steps: it was most of the training time.
+SHARD_CACHE_MB = float(os.environ.get("RAYABLATE_SHARD_CACHE_MB", "1024"))
+
+
+def _column_bytes(v) -> int:
+    v = np.asarray(v)
+    if v.dtype == object:
+        return int(sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in v))
+    return int(v.nbytes)
+
+
+class ShardCache:
+    """The rows of one worker's shard, in a canonical order (by seed and captions, whatever order
+    Ray Data delivered them in), so that an uninterrupted run and a run resumed in a later epoch
+    see the same batches. Gives up (and stays empty) past `limit_bytes`."""
+
+    def __init__(self, limit_bytes: float):
+        self.limit, self.nbytes, self.parts = limit_bytes, 0, []
+        self.ok = limit_bytes > 0
+        self.complete = False
+        self.columns: dict | None = None
+
+    def add(self, batch: dict) -> None:
+        if not self.ok:
+            return
+        self.nbytes += sum(_column_bytes(v) for v in batch.values())
+        if self.nbytes > self.limit:
+            self.ok, self.parts = False, []
+            return
+        self.parts.append({k: np.asarray(v).copy() for k, v in batch.items()})
+
+    def finish(self) -> None:
+        self.complete = True
+        if not self.ok or not self.parts:
+            self.ok, self.parts = False, []
+            return
+        cols = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+        self.parts = []
+        n = len(cols["mask"])
+        seeds = cols.get("seed", np.zeros(n))
+        key = sorted(range(n), key=lambda i: (str(seeds[i]), str(cols["target_caption"][i]),
+                                              str(cols["anchor_caption"][i]),
+                                              hashlib.sha1(bytes(cols["image"][i])).hexdigest()))
+        self.columns = {k: v[np.asarray(key, dtype=np.int64)] for k, v in cols.items()}
+
+    def batches(self, batch_size: int, seed: int | None):
+        """One epoch: a permutation drawn from `seed` (None: canonical order), in batches."""
+        n = len(self.columns["mask"])
+        order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield {k: v[idx] for k, v in self.columns.items()}
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of one (rank, step): resumed runs draw the same noise as uninterrupted ones."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -474,7 +531,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     `config`: "ablation" (`to_dict(AblationConfig)`), "model_path" (a local diffusers folder);
     optional "torch_threads" (1), "disc_width" (64), "shuffle_buffer" (rows; 4 x batch_size, 0 =
-    off), "attempt_counter" (an actor counting starts, set by `run_training`),
+    off; the first epoch's local shuffle), "shard_cache_mb" (SHARD_CACHE_MB: keep a shard up to this
+    size in memory after the first epoch, 0 = stream every epoch), "attempt_counter" (an actor counting starts, set by `run_training`),
     "fail_at_step" (fault injection for tests: rank 0 raises once, on the first attempt), "pid_dir"
     (each rank writes rank<N>.pid there), "hold_after_checkpoint" ({"step", "release_file"}: after
     that step's checkpoint every rank waits until the file exists; for tests that kill a worker).
@@ -556,18 +614,33 @@ def train_loop_per_worker(config: dict) -> dict | None:
         window, t_last, reported_step = [], time.time(), step
 
     batch_in_epoch = skip
+    cache = ShardCache(float(config.get("shard_cache_mb", SHARD_CACHE_MB)) * 2**20)
+    if epoch > 0 and cache.ok:  # resumed after the first epoch: the cache that run had, rebuilt
+        for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
+            cache.add(raw)
+        cache.finish()
     while step < cfg.steps:
-        kwargs = dict(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False)
-        if shuffle > 0:
-            seed = step_seed(cfg.seed, rank, 10**6 + epoch) % 2**31  # a new order each epoch, the same on rerun
-            kwargs.update(local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed)
-        batches = iter(shard.iter_batches(**kwargs))
+        seed = step_seed(cfg.seed, rank, 10**6 + epoch) % 2**31  # a new order each epoch, the same on rerun
+        collecting = cache.ok and not cache.complete
+        if cache.ok and cache.complete:
+            batches = cache.batches(cfg.batch_size, seed if shuffle > 0 else None)
+        else:
+            kwargs = dict(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False)
+            if shuffle > 0:
+                kwargs.update(local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed)
+            batches = iter(shard.iter_batches(**kwargs))
         batch_in_epoch = 0
         while step < cfg.steps:
             raw = next(batches, None)
             # Ranks stay in lockstep: an epoch ends for all when one shard runs out.
             if not _all_ranks_true(raw is not None, device, world):
+                if collecting:  # the rest of this rank's shard belongs in the cache too
+                    for rest in ([raw] if raw is not None else []) + list(batches):
+                        cache.add(rest)
+                    cache.finish()
                 break
+            if collecting:
+                cache.add(raw)
             batch_in_epoch += 1
             if batch_in_epoch <= skip:  # resuming inside an epoch: these batches were trained on
                 continue
@@ -674,7 +747,7 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
         resources["GPU"] = 1
     resources.update(worker_resources or {})
     loop_config = {"ablation": to_dict(cfg), "model_path": str(model_path),
-                   "torch_threads": max(1, int(cpus_per_worker))}
+                   "torch_threads": max(1, int(cpus_per_worker)), "shard_cache_mb": SHARD_CACHE_MB}
     loop_config.update(extra_loop_config or {})
     from ray.data import DataContext
 

@@ -124,6 +124,38 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     assert out["disc"] is not None and torch.isfinite(out["disc"])
 
 
+def test_shard_cache_order_is_canonical_and_each_epoch_is_a_seeded_permutation():
+    """No Ray: the in-memory shard behind epochs 2+ does not depend on the order Ray Data delivered
+    the rows in (so a run resumed in a later epoch sees the same batches), and gives up past its limit."""
+    from rayablate.train import ShardCache
+
+    rows = _rows(10)
+    cols = {k: np.array([r[k] for r in rows], dtype=object if k != "mask" else np.int64) for k in rows[0]}
+
+    def cache_of(order, batch):
+        c = ShardCache(1e9)
+        for i in range(0, len(order), batch):
+            c.add({k: v[order[i:i + batch]] for k, v in cols.items()})
+        c.finish()
+        return c
+
+    a = cache_of(np.arange(10), 3)
+    b = cache_of(np.random.default_rng(1).permutation(10), 4)
+    assert a.ok and b.ok
+    for k in cols:
+        assert list(a.columns[k]) == list(b.columns[k]), k
+    ea = [list(x["seed"]) for x in a.batches(4, seed=7)]
+    eb = [list(x["seed"]) for x in b.batches(4, seed=7)]
+    assert ea == eb and [len(x) for x in ea] == [4, 4, 2]
+    assert sorted(sum(ea, [])) == sorted(cols["seed"].tolist())
+    assert [list(x["seed"]) for x in a.batches(4, seed=8)] != ea  # another epoch, another order
+    small = cache_of(np.arange(10), 3)
+    tiny = ShardCache(100)  # bytes: one PNG is already more
+    tiny.add({k: v[:2] for k, v in cols.items()})
+    tiny.finish()
+    assert small.ok and not tiny.ok and tiny.columns is None
+
+
 def test_two_workers_zero2_keep_identical_replicas(reference_run):
     res = reference_run
     hashes = res["replica_hashes"]  # rank 0 gathers every rank's hash of its live matcher + discriminator
