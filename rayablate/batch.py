@@ -625,6 +625,8 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
     from .images import save_grid
 
     digest = hashlib.sha256(Path(delta_path).read_bytes()).hexdigest()
+    # the judge counts too: metrics measured by another probe are not this evaluation's
+    judge_digest = hashlib.sha256(Path(models.probe).read_bytes()).hexdigest() if models.probe else None
     done = {}
     for c in concepts:
         p = out / c.name / "metrics.json"
@@ -632,7 +634,7 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
             m = json.loads(p.read_text())
             same = m.get("delta_sha256") == digest if "delta_sha256" in m else \
                 Path(delta_path).stat().st_mtime <= p.stat().st_mtime  # written before this field existed
-            if m.get("delta") == str(delta_path) and same:
+            if m.get("delta") == str(delta_path) and same and m.get("probe_sha256") == judge_digest:
                 done[c.name] = m
     if len(done) == len(concepts):
         progress(f"[batch] {label} evaluation: already done, skipped")
@@ -679,6 +681,7 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
         metrics["config"] = to_dict(c.cfg)
         metrics["delta"] = str(delta_path)
         metrics["delta_sha256"] = digest
+        metrics["probe_sha256"] = judge_digest
         metrics["variant"] = label
         d = out / c.name
         d.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -409,6 +410,9 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     print("[tune] 3/4 search", flush=True)
+    # Ctrl-C stops the whole job (exit 130; re-run to resume the finished trials' checkpoints), not
+    # only the search: Tune's own SIGINT handler would end the search and let the job go on.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     grid = tuner.fit()
     trials = _collect(grid, space, rungs, bool(default_point))
     _write_trials_csv(out / "trials.csv", trials, space)
