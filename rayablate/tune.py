@@ -538,6 +538,7 @@ def plot_objective(trials: list[dict], space: dict[str, Param], path: Path) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = [n for n, p in space.items() if p.dist != "fixed"] or list(space)
     ok = [t for t in trials if t["status"] == "ok"]
@@ -561,6 +562,7 @@ def plot_objective(trials: list[dict], space: dict[str, Param], path: Path) -> N
             ax.scatter([best["params"][n]], [best["objective"]], s=160, marker="*", c="tab:red", label="best")
         if space[n].dist == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlapped
         ax.set_xlabel(n)
         ax.set_ylabel("objective")
     for ax in list(axes.flat)[len(names):]:
