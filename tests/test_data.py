@@ -104,12 +104,13 @@ def ray_local():
 def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_clip_path, tmp_path):
     from rayablate.data import build_training_data, data_summary
 
-    cfg = config_from_dict({"num_anchor_images": 8, "anchor_steps": 2, "clip_threshold": -1.0})
+    cfg = config_from_dict({"num_anchor_images": 8, "num_preservation_images": 4, "anchor_steps": 2,
+                            "clip_threshold": -1.0})
     user = write_parquet(tmp_path / "user.parquet", {"image": [img()], "caption": ["a red striped circle"]})
     out = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data", toy=True,
                               user_data=str(user))
     rows = pq.read_table(str(out)).to_pylist()
-    assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates, user rows
+    assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates (num_preservation_images), user rows
     assert data_summary(out)["ablation_rows"] == 13  # threshold -1: every row is masked in
     assert {"image", "target_caption", "anchor_caption", "mask", "seed", "source", "clip_sim"} <= set(rows[0])
     # masked in, every row takes its anchorized caption; rows that name the target change
