@@ -66,9 +66,8 @@ class ShardCache:
 
     def __init__(self, limit_bytes: float):
         self.limit, self.nbytes, self.parts = limit_bytes, 0, []
-        self.ok = limit_bytes > 0
-        self.complete = False
-        self.columns: dict | None = None
+        self.ok = limit_bytes > 0  # False once given up (over the limit, disabled, or an empty shard)
+        self.columns: dict | None = None  # set by finish(): the cache is ready
 
     def add(self, batch: dict) -> None:
         if not self.ok:
@@ -80,7 +79,6 @@ class ShardCache:
         self.parts.append({k: np.asarray(v).copy() for k, v in batch.items()})
 
     def finish(self) -> None:
-        self.complete = True
         if not self.ok or not self.parts:
             self.ok, self.parts = False, []
             return
@@ -532,7 +530,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     `config`: "ablation" (`to_dict(AblationConfig)`), "model_path" (a local diffusers folder);
     optional "torch_threads" (1), "disc_width" (64), "shuffle_buffer" (rows; 4 x batch_size, 0 =
     off; the first epoch's local shuffle), "shard_cache_mb" (SHARD_CACHE_MB: keep a shard up to this
-    size in memory after the first epoch, 0 = stream every epoch), "attempt_counter" (an actor counting starts, set by `run_training`),
+    size in memory after the first epoch, 0 = stream every epoch), "attempt_counter" (an actor
+    counting starts, set by `run_training`),
     "fail_at_step" (fault injection for tests: rank 0 raises once, on the first attempt), "pid_dir"
     (each rank writes rank<N>.pid there), "hold_after_checkpoint" ({"step", "release_file"}: after
     that step's checkpoint every rank waits until the file exists; for tests that kill a worker).
@@ -621,8 +620,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         cache.finish()
     while step < cfg.steps:
         seed = step_seed(cfg.seed, rank, 10**6 + epoch) % 2**31  # a new order each epoch, the same on rerun
-        collecting = cache.ok and not cache.complete
-        if cache.ok and cache.complete:
+        collecting = cache.ok and cache.columns is None
+        if cache.columns is not None:
             batches = cache.batches(cfg.batch_size, seed if shuffle > 0 else None)
         else:
             kwargs = dict(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False)
