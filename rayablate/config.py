@@ -146,31 +146,37 @@ def config_from_dict(data: dict) -> AblationConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AblationConfig:
-    """Load YAML (or the defaults when `path` is None), apply dotted-key `overrides`, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError("config", f"file does not exist: {p}")
-        if not p.is_file():
-            raise ConfigError("config", f"{p} is not a file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError("config", f"{p} is not UTF-8 text: {e}") from e
-        except PermissionError as e:
-            raise ConfigError("config", f"{p} is not readable: {e.strerror}") from e
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.constructor.ConstructorError as e:
-            # e.g. !!python/object/apply: safe_load builds no Python objects, so no code can run.
-            raise ConfigError("config", f"malformed YAML in {p}: it uses a YAML tag that would construct objects; "
-                                        f"configs are plain data (yaml.safe_load) and never evaluate code: {e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"malformed YAML in {p}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError("config", f"{p} must hold a mapping at the top level, got {type(data).__name__}")
+def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "file") -> dict:
+    """A YAML file's top-level mapping (empty file: {}), read with `yaml.safe_load`. Every problem
+    (missing, not a file, not UTF-8, unreadable, malformed, a tag that would build objects, not a
+    mapping) raises ConfigError naming `field`. The one loader of the concept, batch and tune files."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(field, f"{what} does not exist: {p}")
+    if not p.is_file():
+        raise ConfigError(field, f"{p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(field, f"{p} is not UTF-8 text: {e}") from e
+    except PermissionError as e:
+        raise ConfigError(field, f"{p} is not readable: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.constructor.ConstructorError as e:
+        # e.g. !!python/object/apply: safe_load builds no Python objects, so no code can run.
+        raise ConfigError(field, f"malformed YAML in {p}: it uses a YAML tag that would construct objects; "
+                                 f"configs are plain data (yaml.safe_load) and never evaluate code: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(field, f"malformed YAML in {p}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"{p} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def nest_overrides(overrides: dict[str, Any] | None, into: dict | None = None) -> dict:
+    """Dotted-key overrides ({"concept.target": "x"}) written into a nested dict; None values are skipped."""
+    data = into if into is not None else {}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -179,7 +185,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AblationConfig:
+    """Load YAML (or the defaults when `path` is None), apply dotted-key `overrides`, validate."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    return config_from_dict(nest_overrides(overrides, data))
 
 
 def to_dict(cfg: AblationConfig) -> dict:
