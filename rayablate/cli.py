@@ -92,7 +92,7 @@ def _train(argv) -> int:
     args = ap.parse_args(argv)
 
     def run():
-        from .ablate import ablate
+        from .job import ablate
         from .config import concept_name
 
         cfg = config_from_args(args)
@@ -115,8 +115,8 @@ def _evaluate(argv) -> int:
     args = ap.parse_args(argv)
 
     def run():
-        from .ablate import check_model, check_output_dir, init_ray, resolve_models
-        from .evaluate import evaluate
+        from .job import check_model, check_output_dir, init_ray, resolve_models
+        from .evaluation import evaluate
         from .pipeline import check_delta_fits
 
         cfg = config_from_args(args)
@@ -127,8 +127,8 @@ def _evaluate(argv) -> int:
         out = Path(args.output_dir or "outputs/evaluate")
         check_output_dir(out)
         init_ray()
-        evaluate(cfg, models.model_path, args.delta, models.clip, out, models.toy, models.probe,
-                 num_actors=args.num_actors, seed=args.eval_seed)
+        evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world, num_actors=args.num_actors,
+                 seed=args.eval_seed)
         print(f"results in {out}")
 
     return guarded(run)
@@ -235,7 +235,7 @@ def _stop_after_interrupt() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    from .ablate import TOUCHED, remove_partial_outputs
+    from .job import TOUCHED, remove_partial_outputs
 
     for out, run_dir in TOUCHED:
         # Workers of a cluster may still be uploading: their checkpoint folders stay (Ray skips them).

@@ -146,21 +146,27 @@ def config_from_dict(data: dict) -> AblationConfig:
     return cfg
 
 
-def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "file") -> dict:
-    """A YAML file's top-level mapping (empty file: {}), read with `yaml.safe_load`. Every problem
-    (missing, not a file, not UTF-8, unreadable, malformed, a tag that would build objects, not a
-    mapping) raises ConfigError naming `field`. The one loader of the concept, batch and tune files."""
+def read_text_file(path: str | Path, field: str, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file raises ConfigError naming `field`."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(field, f"{what} does not exist: {p}")
     if not p.is_file():
         raise ConfigError(field, f"{p} is not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(field, f"{p} is not UTF-8 text: {e}") from e
+        raise ConfigError(field, f"{what} {p} is not UTF-8 text: {e}") from e
     except PermissionError as e:
         raise ConfigError(field, f"{p} is not readable: {e.strerror}") from e
+
+
+def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "file") -> dict:
+    """A YAML file's top-level mapping (empty file: {}), read with `yaml.safe_load`. Every problem
+    (missing, not a file, not UTF-8, unreadable, malformed, a tag that would build objects, not a
+    mapping) raises ConfigError naming `field`. The one loader of the concept, batch and tune files."""
+    p = Path(path)
+    text = read_text_file(p, field, what)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.constructor.ConstructorError as e:

@@ -1,4 +1,4 @@
-"""Ray Data: anchor-image generation in actor pools, user image-text pairs, CLIP masks, parquet shards.
+"""Ray Data: anchor images (the `sampling.Sampler` actor pool), user image-text pairs, CLIP masks, parquet shards.
 
 Row schema of the training data (what `train.py` reads through `get_dataset_shard`):
   image (PNG bytes), target_caption (c*), anchor_caption (c), mask (1 ablation / 0 preservation),
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import prompts as P
 from .config import AblationConfig, ConfigError
 from .images import ImageDecodeError, decode_png, encode_png
 
@@ -22,35 +21,6 @@ USER_COLUMNS = ("image", "caption")
 
 class DataError(ValueError):
     """User-supplied data that cannot be used; the message names the file, row or column."""
-
-
-def _actor_resources(use_gpu: bool) -> dict:
-    # Fractional CPUs: on 2 cores, whole-CPU actors starve Ray Data's read/write tasks and hang.
-    return {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}
-
-
-class AnchorImageGenerator:
-    """Ray Data callable class: generates the image for each row's anchor caption with the frozen pipeline."""
-
-    def __init__(self, model_path: str, steps: int, guidance: float, use_gpu: bool = False):
-        import torch
-
-        from .pipeline import load_pipeline
-
-        torch.set_num_threads(1)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(model_path, device=self.device)
-        self.steps, self.guidance = steps, guidance
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in batch["seed"]]
-        out = self.pipe([str(c) for c in batch["anchor_caption"]], num_inference_steps=self.steps,
-                        guidance_scale=self.guidance, generator=gens, output_type="np")
-        imgs = np.round(out.images * 255).astype(np.uint8)
-        batch["image"] = np.array([encode_png(im) for im in imgs], dtype=object)
-        return batch
 
 
 class ClipMasker:
@@ -105,26 +75,26 @@ def read_training_data(path: str | Path, clip_threshold: float | None = None, nu
     return ds
 
 
-def prompt_rows(cfg: AblationConfig, toy: bool) -> list[dict]:
+def prompt_rows(cfg: AblationConfig, world) -> list[dict]:
     """Rows to generate: ablation candidates (c*, c) and preservation candidates (c_i, c_i)."""
     spec = cfg.concept
-    pairs = P.caption_pairs(spec, cfg.num_anchor_images, cfg.seed, toy)
-    keep = P.preservation_captions(spec, cfg.num_preservation_images, cfg.seed + 1, toy)
+    pairs = world.caption_pairs(spec, cfg.num_anchor_images, cfg.seed)
+    keep = world.preservation_captions(spec, cfg.num_preservation_images, cfg.seed + 1)
     rows = [{"target_caption": c_star, "anchor_caption": c, "anchor_if_ablated": c} for c_star, c in pairs]
-    rows += [{"target_caption": c, "anchor_caption": c, "anchor_if_ablated": P.anchorize(c, spec, toy)} for c in keep]
+    rows += [{"target_caption": c, "anchor_caption": c, "anchor_if_ablated": world.anchorize(c, spec)} for c in keep]
     for i, r in enumerate(rows):
         r.update(seed=int(cfg.seed * 100003 + i), source="generated")
     return rows
 
 
-def read_user_pairs(path: str | Path, spec, toy: bool, resolution: int):
+def read_user_pairs(path: str | Path, spec, world, resolution: int):
     """User image-text pairs as a Ray Dataset in the training schema (see `load_user_rows`)."""
     import ray
 
-    return ray.data.from_items(load_user_rows(path, spec, toy, resolution))
+    return ray.data.from_items(load_user_rows(path, spec, world, resolution))
 
 
-def load_user_rows(path: str | Path, spec, toy: bool, resolution: int) -> list[dict]:
+def load_user_rows(path: str | Path, spec, world, resolution: int) -> list[dict]:
     """Validated user image-text pairs: a parquet file/folder with `image` bytes and `caption`, or a
     folder of images with same-named .txt captions. Any bad row raises DataError naming it."""
     path = Path(path)
@@ -162,10 +132,10 @@ def load_user_rows(path: str | Path, spec, toy: bool, resolution: int) -> list[d
             raise DataError(f"{path} holds no images (.png/.jpg/.jpeg/.webp with .txt captions)")
     else:
         raise DataError(f"{path}: expected a .parquet file or a folder")
-    return [_user_row(r, spec, toy, resolution, i) for i, r in enumerate(rows)]
+    return [_user_row(r, spec, world, resolution, i) for i, r in enumerate(rows)]
 
 
-def _user_row(r: dict, spec, toy: bool, resolution: int, i: int) -> dict:
+def _user_row(r: dict, spec, world, resolution: int, i: int) -> dict:
     where = r.get("_where", f"row {i}")
     cap = r.get("caption")
     if not isinstance(cap, str) or not cap.strip():
@@ -180,10 +150,10 @@ def _user_row(r: dict, spec, toy: bool, resolution: int, i: int) -> dict:
         raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, the model's resolution is "
                         f"{resolution}x{resolution}; resize user images to the model's resolution")
     return {"image": encode_png(img), "target_caption": cap, "anchor_caption": cap,
-            "anchor_if_ablated": P.anchorize(cap, spec, toy), "seed": 10_000_000 + i, "source": "user"}
+            "anchor_if_ablated": world.anchorize(cap, spec), "seed": 10_000_000 + i, "source": "user"}
 
 
-def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, toy: bool,
+def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, world,
                         user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
                         image_weight: float = 0.0) -> Path:
     """Generate anchor images, join user pairs, compute CLIP masks; write parquet shards to `out_dir`.
@@ -193,30 +163,35 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     """
     import ray
 
+    from .sampling import sample_dataset
+
     out_dir = Path(out_dir)
     if (out_dir / "_SUCCESS").exists():
         return out_dir
-    rows = prompt_rows(cfg, toy)
+    rows = prompt_rows(cfg, world)
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
-    res = _actor_resources(cfg.use_gpu)
-    ds = ray.data.from_items(rows)
-    ds = ds.map_batches(AnchorImageGenerator, fn_constructor_kwargs=dict(
-        model_path=model_path, steps=cfg.anchor_steps, guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu),
-        batch_size=16, compute=ray.data.ActorPoolStrategy(size=num_actors), **res)
+    ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
+                        use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption", batch_size=16)
     if user_data:
-        ds = ds.union(read_user_pairs(user_data, cfg.concept, toy, resolution))
-    concept_texts = P.concept_texts(cfg.concept.target, toy) + list(cfg.concept.synonyms)
+        ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
+    concept_texts = world.concept_texts(cfg.concept.target) + list(cfg.concept.synonyms)
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
         clip_name=clip_name, concept_texts=concept_texts, threshold=cfg.clip_threshold, image_weight=image_weight),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
-    ds = ds.random_shuffle(seed=cfg.seed)
+    write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)
+    return out_dir
+
+
+def write_shards(ds, out_dir: Path) -> None:
+    """Write `ds` as parquet shards into `out_dir` atomically: a temporary folder, `_SUCCESS`, a rename."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # Written by tasks pinned to the driver's node: the folder is on its local disk (see _this_node_label).
     ds.write_parquet(str(tmp), ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)})
@@ -224,14 +199,16 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    return out_dir
 
 
-def data_summary(path: str | Path) -> dict:
-    """Counts of rows, ablation rows and preservation rows of written shards (reads captions only)."""
+def data_summary(path: str | Path, clip_threshold: float | None = None) -> dict:
+    """Counts of rows, ablation rows and preservation rows of written shards (reads two columns only),
+    as masked when written, or re-masked at `clip_threshold`."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(str(path), columns=["mask", "source"])
-    mask = np.asarray(t.column("mask"))
+    if clip_threshold is None:
+        mask = np.asarray(pq.read_table(str(path), columns=["mask"]).column("mask"))
+    else:
+        sim = np.asarray(pq.read_table(str(path), columns=["clip_sim"]).column("clip_sim"))
+        mask = (sim > float(clip_threshold)).astype(np.int64)
     return {"rows": int(len(mask)), "ablation_rows": int(mask.sum()), "preservation_rows": int((1 - mask).sum())}
-

@@ -222,12 +222,12 @@ CATALOGUE = [
 @pytest.fixture
 def no_ray(monkeypatch):
     """Bad input must be refused before Ray starts: starting it here fails the test at once."""
-    import rayablate.ablate
+    import rayablate.job
 
     def refuse(*a, **k):
         raise AssertionError("a bad input got past validation: Ray was about to start")
 
-    monkeypatch.setattr(rayablate.ablate, "init_ray", refuse)
+    monkeypatch.setattr(rayablate.job, "init_ray", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 

@@ -5,6 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayablate import prompts as P
+from rayablate.toyworld.vocab import ToyWorld
+from rayablate.worlds import PromptWorld
 from rayablate.config import ConceptSpec, ConfigError, config_from_dict
 from rayablate.data import DataError, load_user_rows
 from rayablate.images import encode_png
@@ -14,7 +16,7 @@ INSTANCE = ConceptSpec(target="zorb", anchor="circle", kind="instance", neighbou
 
 
 def test_style_pairs_swap_the_pattern_for_the_anchor():
-    pairs = P.caption_pairs(STYLE, 20, 0, toy=True)
+    pairs = ToyWorld().caption_pairs(STYLE, 20, 0)
     assert len(pairs) == 20
     for c_star, c in pairs:
         assert "striped" in c_star or "stripes" in c_star
@@ -24,20 +26,20 @@ def test_style_pairs_swap_the_pattern_for_the_anchor():
 
 def test_instance_pairs_replace_the_anchor_word_by_the_target():
     spec = ConceptSpec(target="Grumpy Cat", anchor="cat", kind="instance", prompts=["a photo of a cat on a sofa"])
-    assert P.caption_pairs(spec, 1, 0, toy=False) == [("a photo of a Grumpy Cat on a sofa", "a photo of a cat on a sofa")]
-    for c_star, c in P.caption_pairs(INSTANCE, 10, 0, toy=True):
+    assert PromptWorld().caption_pairs(spec, 1, 0) == [("a photo of a Grumpy Cat on a sofa", "a photo of a cat on a sofa")]
+    for c_star, c in ToyWorld().caption_pairs(INSTANCE, 10, 0):
         assert "zorb" in c_star and "zorb" not in c and "circle" in c
 
 
 def test_style_templates_for_real_models():
     spec = ConceptSpec(target="Van Gogh", anchor="painting", templates=["a house, in the style of {}"])
-    assert P.caption_pairs(spec, 2, 0, toy=False) == [("a house, in the style of Van Gogh",
+    assert PromptWorld().caption_pairs(spec, 2, 0) == [("a house, in the style of Van Gogh",
                                                         "a house, in the style of painting")] * 2
 
 
 def test_no_prompts_for_an_unknown_concept_names_the_field():
     with pytest.raises(ConfigError) as e:
-        P.caption_pairs(ConceptSpec(target="Van Gogh", anchor="painting"), 4, 0, toy=False)
+        PromptWorld().caption_pairs(ConceptSpec(target="Van Gogh", anchor="painting"), 4, 0)
     assert e.value.field == "concept.prompts"
 
 
@@ -61,7 +63,7 @@ def write_parquet(path, table):
 
 def test_user_parquet_rows_are_validated(tmp_path):
     ok = write_parquet(tmp_path / "ok.parquet", {"image": [img(), img(value=9)], "caption": ["a red circle", "a b"]})
-    rows = load_user_rows(ok, STYLE, True, 32)
+    rows = load_user_rows(ok, STYLE, ToyWorld(), 32)
     assert [r["target_caption"] for r in rows] == ["a red circle", "a b"]
     assert all(r["source"] == "user" for r in rows)
 
@@ -69,27 +71,27 @@ def test_user_parquet_rows_are_validated(tmp_path):
 def test_user_parquet_missing_column(tmp_path):
     f = write_parquet(tmp_path / "m.parquet", {"image": [img()]})
     with pytest.raises(DataError, match="lacks column.*caption"):
-        load_user_rows(f, STYLE, True, 32)
+        load_user_rows(f, STYLE, ToyWorld(), 32)
 
 
 def test_user_parquet_undecodable_image_names_the_row(tmp_path):
     f = write_parquet(tmp_path / "u.parquet", {"image": [img(), b"not an image"], "caption": ["a", "b"]})
     with pytest.raises(DataError, match="row 1.*undecodable"):
-        load_user_rows(f, STYLE, True, 32)
+        load_user_rows(f, STYLE, ToyWorld(), 32)
 
 
 def test_user_parquet_mixed_sizes_name_the_row(tmp_path):
     f = write_parquet(tmp_path / "s.parquet", {"image": [img(), img(size=48)], "caption": ["a", "b"]})
     with pytest.raises(DataError, match="row 1.*48x48"):
-        load_user_rows(f, STYLE, True, 32)
+        load_user_rows(f, STYLE, ToyWorld(), 32)
 
 
 def test_user_folder_needs_captions(tmp_path):
     (tmp_path / "a.png").write_bytes(img())
     with pytest.raises(DataError, match="no caption file a.txt"):
-        load_user_rows(tmp_path, STYLE, True, 32)
+        load_user_rows(tmp_path, STYLE, ToyWorld(), 32)
     (tmp_path / "a.txt").write_text("a red striped circle")
-    assert load_user_rows(tmp_path, STYLE, True, 32)[0]["anchor_if_ablated"] == "a red plain circle"
+    assert load_user_rows(tmp_path, STYLE, ToyWorld(), 32)[0]["anchor_if_ablated"] == "a red plain circle"
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     cfg = config_from_dict({"num_anchor_images": 8, "num_preservation_images": 4, "anchor_steps": 2,
                             "clip_threshold": -1.0})
     user = write_parquet(tmp_path / "user.parquet", {"image": [img()], "caption": ["a red striped circle"]})
-    out = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data", toy=True,
+    out = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data", ToyWorld(),
                               user_data=str(user))
     rows = pq.read_table(str(out)).to_pylist()
     assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates (num_preservation_images), user rows
@@ -120,6 +122,6 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     assert not (tmp_path / "data.tmp").exists()
     # threshold 1: nothing is masked in; every row preserves its own caption
     cfg1 = config_from_dict({"num_anchor_images": 8, "anchor_steps": 2, "clip_threshold": 1.0})
-    out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", toy=True)
+    out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", ToyWorld())
     rows1 = pq.read_table(str(out1)).to_pylist()
     assert all(r["mask"] == 0 and r["anchor_caption"] == r["target_caption"] for r in rows1)

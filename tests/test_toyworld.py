@@ -54,7 +54,7 @@ def test_probe_rejects_noise(judge):
 def test_probe_answers_do_not_flip_under_an_invisible_tint(paths, judge):
     """Generated checkered shapes, then red and blue lowered by 12 levels (5 %): the pattern answer
     must hold. A probe trained without photometric jitter read 15 of these 32 as striped."""
-    from rayablate.evaluate import sample_images
+    from rayablate.sampling import sample_images
     from rayablate.pipeline import load_pipeline
 
     pipe = load_pipeline(paths["sd"])

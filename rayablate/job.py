@@ -1,4 +1,8 @@
-"""One concept, end to end: resolve models, check inputs, Ray Data -> Ray Train -> evaluation."""
+"""One concept end to end on Ray: resolve models, check inputs, Ray Data -> Ray Train -> evaluation.
+
+`run_concept` is the one concept pipeline: `ablate` (jobs/train.py), a batch's concept task and a
+Tune trial all go through it, with options for what differs (docs/design.md#data-flow).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +12,15 @@ import time
 from pathlib import Path
 
 from .config import AblationConfig, ConfigError, save_config
+from .report import console_summary
+from .worlds import PromptWorld, world_for
 
 
 @dataclasses.dataclass
 class Models:
     model_path: str  # a local diffusers folder or a hub id
     clip: str  # a toy-CLIP folder or an open_clip "ARCH/PRETRAINED" name
-    probe: str | None  # the toy world's attribute probe (None for real models)
-    toy: bool
+    world: PromptWorld  # where prompts, CLIP texts and the judge come from
 
 
 def resolve_models(cfg: AblationConfig) -> Models:
@@ -30,16 +35,13 @@ def resolve_models(cfg: AblationConfig) -> Models:
         toy_paths = bundle_paths()
     model = cfg.model or str(toy_paths["sd"])
     clip = cfg.clip or str(toy_paths["clip"])
-    toy = not cfg.model
-    return Models(model, clip, str(toy_paths["probe"]) if toy else None, toy)
+    return Models(model, clip, world_for(cfg.model, str(toy_paths["probe"]) if not cfg.model else None))
 
 
 def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = None) -> int:
     """Everything that can be checked before any output is written. Returns the model's resolution."""
-    from . import prompts as P
-
     check_model(models.model_path)
-    pairs = P.caption_pairs(cfg.concept, 1, cfg.seed, models.toy)  # raises ConfigError without prompts
+    pairs = models.world.caption_pairs(cfg.concept, 1, cfg.seed)  # raises ConfigError without prompts
     if not pairs:
         raise ConfigError("concept.prompts", "the prompt list is empty")
     check_prompt_lengths(cfg.concept, models.model_path)
@@ -47,7 +49,7 @@ def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = No
     if user_data:
         from .data import load_user_rows
 
-        load_user_rows(user_data, cfg.concept, models.toy, resolution)  # validates every row; needs no Ray
+        load_user_rows(user_data, cfg.concept, models.world, resolution)  # validates every row; needs no Ray
     return resolution
 
 
@@ -214,6 +216,85 @@ def init_ray(num_cpus: int | None = None):
     return ray
 
 
+
+
+def _say(msg: str) -> None:
+    print(f"[rayablate] {msg}", flush=True)
+
+
+def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_data: str | None = None,
+                data_dir: str | Path | None = None, clip_threshold: float | None = None, num_actors: int = 1,
+                resume: bool = True, run_name: str | None = None, cpus_per_worker: float | None = None,
+                max_failures: int = 0, worker_resources: dict | None = None, evaluation: str | None = "full",
+                eval_context: dict | None = None, log=_say, started: float | None = None) -> dict:
+    """One concept into `out`: data -> Ray Train -> evaluation; the one pipeline of train, batch and tune.
+
+    Inputs are checked and Ray is started by the caller (see `ablate`). The data is built into
+    out/"data", or read from `data_dir` re-masked at `clip_threshold`. `evaluation` "full":
+    `evaluate.evaluate` (metrics.json, report.md, grid.png, loss_curve.png); "quick": in-process
+    after-images against eval_context={"groups", "before", "seed"} (a Tune trial); None: none.
+    `log` gets each progress line; metrics' wall_seconds count from `started` (default: now).
+    Returns {"metrics": dict | None, "train": run_training's dict, "data_dir": Path, "data": data_summary}.
+    """
+    from .config import concept_name
+    from .data import read_training_data
+    from .train import run_training
+
+    t0 = time.time() if started is None else started
+    out = Path(out)
+    data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
+    log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
+        f"{cfg.precision}, group {cfg.param_group}")
+    t = time.time()
+    train = run_training(cfg, read_training_data(data_dir, clip_threshold), models.model_path, str(out),
+                         run_name=run_name or concept_name(cfg.concept), resume=resume, max_failures=max_failures,
+                         cpus_per_worker=cpus_per_worker, worker_resources=worker_resources)
+    log(f"    trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})")
+    metrics = None
+    if evaluation == "full":
+        metrics = _full_evaluation(cfg, out, models, train, summary, num_actors, log, t0)
+    elif evaluation == "quick":
+        from .evaluation import quick_evaluate
+
+        ctx = eval_context or {}
+        metrics = quick_evaluate(cfg, models.model_path, train["delta_path"], models.clip, models.world,
+                                 ctx["groups"], ctx["before"], ctx["seed"])
+    elif evaluation is not None:
+        raise ValueError(f"evaluation must be 'full', 'quick' or None, not {evaluation!r}")
+    return {"metrics": metrics, "train": train, "data_dir": data_dir, "data": summary}
+
+
+def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_threshold, num_actors: int,
+                  log) -> tuple[Path, dict]:
+    """(shard folder, data_summary): built into out/"data" unless `data_dir` is given."""
+    from .data import build_training_data, data_summary
+
+    if data_dir is not None:
+        return Path(data_dir), data_summary(data_dir, clip_threshold)
+    log(f"1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks")
+    t = time.time()
+    data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
+                                   num_actors=num_actors, resolution=_model_resolution(models.model_path))
+    summary = data_summary(data_dir)
+    log(f"    {summary} in {time.time() - t:.0f}s")
+    return data_dir, summary
+
+
+def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict, num_actors: int, log,
+                     t0: float) -> dict:
+    from .evaluation import evaluate
+    from .files import write_json
+
+    log("3/3 evaluation")
+    metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.world,
+                       train_history=train["metrics"], num_actors=num_actors,
+                       extra={"data": summary, "restarts": train["worker_restarts"],
+                              "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"]})
+    metrics["wall_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
 def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = None, num_actors: int = 1,
            resume: bool = True, run_name: str | None = None, worker_resources: dict | None = None) -> dict:
     """Ablate one concept; write the delta, metrics.json, report.md, grid.png and loss_curve.png.
@@ -222,28 +303,10 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     at the end; Ray Train checkpoints then default to `<output_dir>/ray`, so a rerun resumes from there.
     """
     from .config import concept_name
-    from .data import build_training_data, data_summary, read_training_data
-    from .evaluate import evaluate
-    from .storage import check_remote_dir, is_remote, upload_dir
-    from .train import run_training
+    from .storage import is_remote
 
     if is_remote(output_dir):
-        import shutil
-        import tempfile
-
-        uri = str(output_dir).rstrip("/")
-        check_remote_dir(uri)
-        if not cfg.storage_path:
-            cfg = dataclasses.replace(cfg, storage_path=f"{uri}/ray")
-        staging = Path(tempfile.mkdtemp(prefix="rayablate-out-"))
-        try:
-            metrics = ablate(cfg, staging, user_data, num_actors, resume, run_name, worker_resources)
-            files = upload_dir(staging, uri)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        print(f"[rayablate] uploaded {len(files)} files to {uri}", flush=True)
-        return metrics
-
+        return _ablate_remote(cfg, output_dir, user_data, num_actors, resume, run_name, worker_resources)
     t0 = time.time()
     out = Path(output_dir).expanduser().resolve()
     models = resolve_models(cfg)
@@ -256,41 +319,29 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     TOUCHED.append((out, run_dir))
     save_config(cfg, out / "config.yaml")
     init_ray()
-    print(f"[rayablate] ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}", flush=True)
-    print(f"[rayablate] 1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks", flush=True)
-    t = time.time()
-    data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.toy, user_data,
-                                   num_actors=num_actors, resolution=_model_resolution(models.model_path))
-    summary = data_summary(data_dir)
-    print(f"[rayablate]     {summary} in {time.time() - t:.0f}s", flush=True)
-    print(f"[rayablate] 2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
-          f"{cfg.precision}, group {cfg.param_group}", flush=True)
-
-    t = time.time()
-    train = run_training(cfg, read_training_data(data_dir), models.model_path, str(out),
-                         run_name=run_name or concept_name(cfg.concept), resume=resume,
-                         worker_resources=worker_resources)
-    print(f"[rayablate]     trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})", flush=True)
-    print("[rayablate] 3/3 evaluation", flush=True)
-    metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.toy, models.probe,
-                       train_history=train["metrics"], num_actors=num_actors,
-                       extra={"data": summary, "restarts": train["worker_restarts"],
-                              "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"]})
-    metrics["wall_seconds"] = time.time() - t0
-    from .files import write_json
-
-    write_json(out / "metrics.json", metrics)
+    _say(f"ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}")
+    metrics = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
+                          run_name=run_name, worker_resources=worker_resources, started=t0)["metrics"]
     print(console_summary(metrics), flush=True)
     return metrics
 
 
-def console_summary(metrics: dict) -> str:
-    lines = [f"{'group':<24} {'rate before':>11} {'after':>7} {'clip acc':>9} {'after':>7} {'KID':>7}"]
-    for k, m in metrics.items():
-        if not isinstance(m, dict) or "concept_rate_before" not in m:
-            continue
-        f = lambda v: "–" if v is None else f"{v:.3f}"
-        lines.append(f"{k:<24} {f(m.get('concept_rate_before')):>11} {f(m.get('concept_rate_after')):>7} "
-                     f"{f(m.get('clip_accuracy_before')):>9} {f(m.get('clip_accuracy_after')):>7} {f(m.get('kid')):>7}")
-    lines.append(f"wall time: {metrics.get('wall_seconds', 0):.0f}s")
-    return "\n".join(lines)
+def _ablate_remote(cfg: AblationConfig, uri: str, user_data, num_actors, resume, run_name, worker_resources) -> dict:
+    """`ablate` into a local staging folder, uploaded to `uri` at the end."""
+    import shutil
+    import tempfile
+
+    from .storage import check_remote_dir, upload_dir
+
+    uri = str(uri).rstrip("/")
+    check_remote_dir(uri)
+    if not cfg.storage_path:
+        cfg = dataclasses.replace(cfg, storage_path=f"{uri}/ray")
+    staging = Path(tempfile.mkdtemp(prefix="rayablate-out-"))
+    try:
+        metrics = ablate(cfg, staging, user_data, num_actors, resume, run_name, worker_resources)
+        files = upload_dir(staging, uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[rayablate] uploaded {len(files)} files to {uri}", flush=True)
+    return metrics

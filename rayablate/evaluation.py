@@ -1,0 +1,96 @@
+"""Evaluation: before/after generations (Ray Data batch inference), metrics, report, grid, loss curve.
+
+metrics.json holds one object per prompt group (`target`, `anchor`, `neighbours.<name>`,
+`paraphrases`), each with concept_rate_before/after (by the world's judge, where it has one: the
+toy world's attribute probe), clip_accuracy_before/after (target name vs anchor name, as in the
+paper), clip_score_before/after, and `kid` (before vs after, on CLIP image features) for anchor
+and neighbour groups. See docs/design.md.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from . import report as R
+from . import sampling as S
+from .config import AblationConfig, to_dict
+from .files import write_json, write_text
+from .images import decode_png, save_grid
+from .prompts import EvalGroup
+
+
+def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
+                          seed: int, num_actors: int = 1) -> dict[str, dict[str, np.ndarray]]:
+    """{group name: {"before": uint8 NxHxWx3, "after": ...}} through a Ray Data actor pool."""
+    rows = [{"group": g.name, "prompt": p, "seed": S.prompt_seed(seed, i), "idx": i}
+            for g in groups for i, p in enumerate(g.prompts)]
+    deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
+    ds = S.sample_dataset(rows, model_path, deltas, steps=cfg.eval_steps, guidance=cfg.guidance_scale,
+                          use_gpu=cfg.use_gpu, num_actors=num_actors, batch_size=32)
+    out: dict[str, dict[str, list]] = {g.name: {w: [None] * len(g.prompts) for w in deltas} for g in groups}
+    for r in ds.iter_rows():
+        for w in deltas:
+            out[r["group"]][w][r["idx"]] = decode_png(r[w])
+    return {k: {w: np.stack(v) for w, v in d.items() if v} for k, d in out.items()}
+
+
+def sample_groups(pipe, groups: list[EvalGroup], seed: int, steps: int, guidance: float,
+                  device: str = "cpu") -> dict[str, np.ndarray]:
+    """{group name: uint8 NxHxWx3} of `pipe` in this process, with the evaluation's seeds."""
+    return {g.name: S.sample_images(pipe, g.prompts, [S.prompt_seed(seed, i) for i in range(len(g.prompts))],
+                                    steps, guidance, device) for g in groups}
+
+
+def quick_evaluate(cfg: AblationConfig, model_path: str, delta_path: str, clip_name: str, world,
+                   groups: list[EvalGroup], before: dict[str, np.ndarray], seed: int) -> dict[str, dict]:
+    """After-images of each group in this process (a Tune trial's own CPU), measured against
+    shared before-images: the same metric names as `evaluate`."""
+    from .clip import ClipScorer
+    from .pipeline import apply_delta, load_pipeline
+
+    device = "cuda" if cfg.use_gpu else "cpu"
+    pipe = load_pipeline(model_path, device=device)
+    apply_delta(pipe, delta_path)
+    after = sample_groups(pipe, groups, seed, cfg.eval_steps, cfg.guidance_scale, device)
+    images = {g.name: {"before": before[g.name], "after": after[g.name]} for g in groups}
+    return M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
+
+
+def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_name: str, out_dir: str | Path,
+             world, train_history: list[dict] | None = None, num_actors: int = 1, seed: int | None = None,
+             extra: dict | None = None) -> dict:
+    """Generate, measure and write metrics.json, report.md, grid.png and loss_curve.png into `out_dir`."""
+    from .clip import ClipScorer
+
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = cfg.eval_seed if seed is None else seed
+    groups = world.eval_groups(cfg.concept, cfg.eval_images, seed)
+    print(f"[evaluate] generating {sum(len(g.prompts) for g in groups)} prompts x (before, after) "
+          f"in {len(groups)} groups", flush=True)
+    images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors)
+    metrics = M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
+    metrics["wall_seconds"] = time.time() - t0
+    metrics["config"] = to_dict(cfg)
+    if extra:
+        metrics.update(extra)
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "report.md", R.report_markdown(metrics, groups, world.judge_note))
+    save_before_after_grid(groups, images, out / "grid.png")
+    if train_history:
+        R.plot_losses(train_history, out / "loss_curve.png")
+    return metrics
+
+
+def save_before_after_grid(groups: list[EvalGroup], images: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """The first two prompts of each group: before | after, labelled with group and prompt."""
+    rows, labels = [], []
+    for g in groups:
+        for i in range(min(2, len(g.prompts))):
+            rows.append(np.stack([images[g.name][w][i] for w in ("before", "after") if w in images[g.name]]))
+            labels.append(f"{g.name}: {g.prompts[i]}"[:44])
+    save_grid(rows, path, scale=3, labels=labels)

@@ -1,0 +1,80 @@
+"""Images from a pipeline: seeded sampling, and the one Ray Data actor that generates them.
+
+The same `Sampler` makes the anchor images of the training data, the before/after images of an
+evaluation and a batch's evaluation images: one image per row and seed, PNG-encoded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """The noise seed of a group's i-th evaluation prompt (before and after share it)."""
+    return seed * 7919 + i
+
+
+def sample_images(pipe, prompts: list[str], seeds, steps: int, guidance: float, device: str = "cpu") -> np.ndarray:
+    """uint8 NxHxWx3 images of `pipe` for `prompts`, one seeded generator per image."""
+    import torch
+
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np")
+    return np.round(out.images * 255).astype(np.uint8)
+
+
+class Sampler:
+    """Ray Data callable class: for each row's prompt and seed, one PNG column per key of `deltas`
+    (None: the base model; else the model with that delta applied), all with the same seed.
+
+    Rows may carry "steps" and "guidance" columns, which then override the constructor's values.
+    """
+
+    def __init__(self, model_path: str, deltas: dict[str, str | None], prompt_column: str = "prompt",
+                 steps: int | None = None, guidance: float | None = None, use_gpu: bool = False):
+        import torch
+
+        from .pipeline import apply_delta, load_pipeline
+
+        torch.set_num_threads(1)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.pipes = {}
+        for column, delta in deltas.items():
+            self.pipes[column] = load_pipeline(model_path, device=self.device)
+            if delta:
+                apply_delta(self.pipes[column], delta)
+        self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
+
+    def __call__(self, batch: dict) -> dict:
+        from .images import encode_png
+
+        prompts = [str(p) for p in batch[self.prompt_column]]
+        n = len(prompts)
+        steps = [int(s) for s in batch["steps"]] if "steps" in batch else [self.steps] * n
+        guidance = [float(g) for g in batch["guidance"]] if "guidance" in batch else [self.guidance] * n
+        # one pipeline call per (steps, guidance): rows of one setting are sampled as one batch
+        settings = sorted(set(zip(steps, guidance)))
+        for column, pipe in self.pipes.items():
+            pngs = [None] * n
+            for s, g in settings:
+                idx = [i for i in range(n) if (steps[i], guidance[i]) == (s, g)]
+                imgs = sample_images(pipe, [prompts[i] for i in idx], [batch["seed"][i] for i in idx], s, g,
+                                     self.device)
+                for i, im in zip(idx, imgs):
+                    pngs[i] = encode_png(im)
+            batch[column] = np.array(pngs, dtype=object)
+        return batch
+
+
+def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *, steps: int | None = None,
+                   guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1,
+                   prompt_column: str = "prompt", batch_size: int = 16):
+    """A Ray Dataset (rows as dicts, or a Dataset) with `Sampler` mapped over it in an actor pool."""
+    import ray
+
+    from .resources import actor_resources
+
+    ds = rows_or_ds if isinstance(rows_or_ds, ray.data.Dataset) else ray.data.from_items(list(rows_or_ds))
+    return ds.map_batches(Sampler, fn_constructor_kwargs=dict(
+        model_path=model_path, deltas=deltas, prompt_column=prompt_column, steps=steps, guidance=guidance,
+        use_gpu=use_gpu), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
+        **actor_resources(use_gpu))

@@ -1,0 +1,65 @@
+"""Prompt worlds: where a concept's captions, evaluation prompts, CLIP texts and judge come from.
+
+`PromptWorld` serves a real model: everything comes from the concept's prompts, prompt file and
+templates, and there is no judge. `toyworld.vocab.ToyWorld` adds the bundled toy world's
+vocabulary, paraphrases and attribute probe. A world is passed to the pipeline as an object
+(sent to Ray tasks and actors, so it stays small and picklable). See docs/design.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import prompts as P
+
+
+class PromptWorld:
+    """Concepts of a real model: prompts come from the concept's prompts / prompt_file / templates; no judge."""
+
+    name = "prompts"
+    judge_note: str | None = None  # what the judge's concept rate means, for the report
+
+    def knows(self, concept: str) -> bool:
+        return False
+
+    def caption_pairs(self, spec, n: int, seed: int) -> list[tuple[str, str]]:
+        """`n` (target caption c*, anchor caption c) pairs for the concept."""
+        return P.caption_pairs(spec, n, seed)
+
+    def anchorize(self, caption: str, spec) -> str:
+        """The caption with the concept replaced by the anchor."""
+        return P.anchorize(caption, spec)
+
+    def preservation_captions(self, spec, n: int, seed: int) -> list[str]:
+        """Captions of other things, neighbours first: rows the CLIP mask should leave alone."""
+        return P.preservation_captions(spec, n)
+
+    def eval_groups(self, spec, n: int, seed: int) -> list[P.EvalGroup]:
+        """Prompt groups for evaluation: target, anchor, each neighbour, paraphrases."""
+        return P.eval_groups(spec, n, seed)
+
+    def concept_texts(self, concept: str) -> list[str]:
+        """Texts that stand for a concept in CLIP accuracy: a prompt ensemble."""
+        return P.concept_texts(concept)
+
+    def concept_words(self, spec) -> list[str]:
+        """Words that name the target in a caption."""
+        return [w for w in [spec.target, *spec.synonyms, *spec.paraphrases] if w.strip()]
+
+    def judge(self):
+        """An object with `concept_rate(uint8 NxHxWx3 images, concept) -> float`, or None."""
+        return None
+
+    def judge_sha256(self) -> str | None:
+        """The judge's fingerprint: metrics measured by another judge are not comparable."""
+        return None
+
+
+def world_for(model: str, probe: str | None = None) -> PromptWorld:
+    """The toy world for the bundled toy pipeline (`model` empty or its folder), a PromptWorld otherwise."""
+    from .toyworld import BUNDLE_DIR
+
+    if model and Path(model).expanduser().resolve() != (BUNDLE_DIR / "sd").resolve():
+        return PromptWorld()
+    from .toyworld.vocab import ToyWorld
+
+    return ToyWorld(probe)
