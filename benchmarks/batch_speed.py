@@ -42,13 +42,14 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from rayablate.ablate import init_ray
-    from rayablate.batch import batch_from_dict, default_cpus_per_worker, run_batch
+    from rayablate.job import init_ray
+    from rayablate.batch import batch_from_dict, run_batch
+    from rayablate.resources import cpu_share
 
     torch.set_num_threads(1)
     init_ray(args.num_cpus)
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    cpw = default_cpus_per_worker(cpus, args.max_concurrent, 1)
+    cpw = cpu_share(cpus, args.max_concurrent)
     defaults = {"steps": args.steps, "num_workers": 1, "num_anchor_images": args.num_anchor_images,
                 "eval_images": args.eval_images, "checkpoint_every": args.steps, "report_every": max(1, args.steps // 2)}
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="batch-speed-"))

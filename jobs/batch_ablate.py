@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     result = {}
 
     def run():
-        from rayablate.ablate import check_output_dir
+        from rayablate.job import check_output_dir
         from rayablate.batch import load_batch, run_batch
 
         overrides = {"model": args.model, "clip": args.clip, "steps": args.steps, "eval_images": args.eval_images,

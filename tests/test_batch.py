@@ -106,10 +106,11 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def models(tiny_sd_path, tiny_clip_path):
-    from rayablate.ablate import Models
+    from rayablate.job import Models
     from rayablate.toyworld import bundle_paths
+    from rayablate.toyworld.vocab import ToyWorld
 
-    return Models(str(tiny_sd_path), str(tiny_clip_path), str(bundle_paths()["probe"]), toy=True)
+    return Models(str(tiny_sd_path), str(tiny_clip_path), ToyWorld(str(bundle_paths()["probe"])))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,455 @@
+"""Running a batch: the concepts' own runs as Ray tasks, the joint run, the evaluation of merged / joint
+models on every concept, and `run_batch`, which strings them together.
+
+Each concept runs as a Ray task (`num_cpus=0`: it only orchestrates; its Ray Data actors and
+Ray Train workers reserve the CPUs) that makes `job.ablate`'s checks and runs the one concept
+pipeline, `job.run_concept`, into `<out>/concepts/<name>/`; it writes `status.json` last. A
+concept whose status says `succeeded` is skipped on the next run; one that failed is tried again.
+
+Why tasks and not Tune trials: a concept run is a whole pipeline (Ray Data generation, a Ray
+Train run, Ray Data evaluation), not one trainable with a metric to search over. Tune would
+wrap each in a trial function that must itself launch Ray Data and a TorchTrainer, own the
+restore logic (experiment state instead of the concept's own folder) and turn a failed trial
+into an experiment error we would have to unpick; a task per concept gives the same folder as
+`jobs/train.py`, failure isolation by `ray.get` on its own future, resumption by that folder,
+and the concurrency limit by `ray.wait`.
+
+Resources: unless `cpus_per_worker` says otherwise, each Ray Train worker gets
+`resources.cpu_share(C, k * w)` CPUs (`C` CPUs, `k` concepts in flight, `w` workers per concept),
+which keeps one CPU free for Ray Data (2 CPUs, k=2, w=1: 0.49).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import AblationConfig, ConfigError, concept_name, config_from_dict, save_config, to_dict
+from ..files import atomic, write_json, write_text
+from ..resources import cpu_share
+from .merge import merge_batch, names_any
+from .report import console_table, write_summary
+from .spec import STATUS_NAME, Batch, BatchConcept, joint_config
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:2000]
+
+
+# --- one concept, as a Ray task --------------------------------------------------------------------
+
+def concept_done(out: Path) -> bool:
+    try:
+        st = json.loads((out / STATUS_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return st.get("status") == "succeeded" and (out / "metrics.json").exists()
+
+
+def _run_one(cfg: AblationConfig, out: Path, models, cpus_per_worker: float | None, num_actors: int,
+             max_failures: int) -> dict:
+    """The checks `job.ablate` makes, then `job.run_concept` with the batch's CPU share per worker."""
+    import torch
+
+    from ..job import check_inputs, check_output_dir, run_concept
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    out = Path(out).expanduser().resolve()
+    check_output_dir(out)
+    check_inputs(cfg, models)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    name = concept_name(cfg.concept)
+    log = lambda msg: print(f"[batch:{name}] {msg}", flush=True)  # noqa: E731
+    return run_concept(cfg, out, models, num_actors=num_actors, run_name=name, cpus_per_worker=cpus_per_worker,
+                       max_failures=max_failures, log=log, started=t0)["metrics"]
+
+
+def _concept_task_fn(cfg_dict: dict, out: str, models, cpus_per_worker, num_actors: int, max_failures: int) -> dict:
+    """Runs in a Ray task: never raises; returns {"status", "error", "wall_s"} and writes status.json."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.time()
+    outp = Path(out)
+    try:
+        _run_one(config_from_dict(cfg_dict), outp, models, cpus_per_worker, num_actors, max_failures)
+        st = {"status": "succeeded", "error": None, "wall_s": time.time() - t0}
+    except BaseException as e:  # noqa: BLE001 - a concept's failure must not take the batch down
+        st = {"status": "failed", "error": f"{type(e).__name__}: {e}".strip()[:2000], "wall_s": time.time() - t0,
+              "traceback": traceback.format_exc()[-6000:]}
+    _write_status(outp, st)
+    return st
+
+
+def _write_status(out: Path, st: dict) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / STATUS_NAME, st)
+    except OSError:
+        pass
+
+
+def _cpus_per_worker(batch: Batch, cfg: AblationConfig, in_flight: int) -> float | None:
+    import ray
+
+    cpw = batch.settings.cpus_per_worker
+    if cpw is None and not cfg.use_gpu:
+        cpw = cpu_share(ray.cluster_resources().get("CPU", 1.0), in_flight * cfg.num_workers)
+    return cpw
+
+
+def run_separate(batch: Batch, out: Path, models, num_actors: int = 1, progress=print) -> dict[str, dict]:
+    """Every concept's own run, at most `max_concurrent` at once. Returns {name: status dict}."""
+    import ray
+
+    s = batch.settings
+    results: dict[str, dict] = {}
+    queue = []
+    for c in batch.concepts:
+        d = out / "concepts" / c.name
+        if concept_done(d):
+            results[c.name] = dict(json.loads((d / STATUS_NAME).read_text()), skipped=True)
+            progress(f"[batch] {c.name}: already finished, skipped")
+        else:
+            queue.append(c)
+    task = ray.remote(num_cpus=0, max_retries=0)(_concept_task_fn)
+    inflight: dict = {}
+    t0 = time.time()
+    while queue or inflight:
+        while queue and len(inflight) < s.max_concurrent:
+            c = queue.pop(0)
+            cpw = _cpus_per_worker(batch, c.cfg, s.max_concurrent)
+            ref = task.remote(to_dict(c.cfg), str(out / "concepts" / c.name), models, cpw, num_actors, s.max_failures)
+            inflight[ref] = (c, time.time())
+            progress(f"[batch] {c.name}: started ({c.cfg.concept.target!r} -> {c.cfg.concept.anchor!r}, "
+                     f"{c.cfg.steps} steps, {cpw} CPU/worker); in flight {len(inflight)}, queued {len(queue)}")
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            c, started = inflight.pop(ref)
+            st = results[c.name] = dict(_task_status(ref, out / "concepts" / c.name, started), skipped=False)
+            msg = f"[batch] {c.name}: {st['status']} in {st['wall_s']:.0f}s ({len(results)}/{len(batch.concepts)} " \
+                  f"done, {time.time() - t0:.0f}s elapsed)"
+            if st["status"] != "succeeded":
+                msg += f" -- {st['error'].splitlines()[0] if st['error'] else ''}"
+            progress(msg)
+    return results
+
+
+def _task_status(ref, out: Path, started: float) -> dict:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception as e:  # the task's process died (OOM, killed node): still only this concept
+        st = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:1500]}", "wall_s": time.time() - started}
+        _write_status(out, st)
+        return st
+
+
+# --- joint run -----------------------------------------------------------------------------------
+
+def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int = 1, progress=print) -> dict:
+    """One training run over every concept's rows with one shared matcher: <out>/joint/."""
+    from ..job import run_concept
+    from ..data import data_summary
+
+    jdir = out / "joint"
+    jdir.mkdir(parents=True, exist_ok=True)
+    st_path = jdir / STATUS_NAME
+    if st_path.exists():
+        st = json.loads(st_path.read_text())
+        if st.get("status") == "succeeded" and st.get("concepts") == names \
+                and (jdir / "matcher_delta.safetensors").exists():
+            progress("[batch] joint: already trained, skipped")
+            return dict(st, skipped=True)
+    t0 = time.time()
+    try:
+        cfg = joint_config(batch, names)
+        save_config(cfg, jdir / "config.yaml")
+        dirs = _joint_sources(batch, out, models, names, num_actors)
+        rows_dir = _joint_rows(dirs, jdir / "rows", [models.world.concept_words(c.cfg.concept) for c in batch.concepts],
+                               cfg.seed)
+        summ = data_summary(rows_dir)
+        progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
+                 f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
+        train = run_concept(cfg, jdir, models, data_dir=rows_dir, run_name="joint",
+                            cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
+                            evaluation=None, log=lambda msg: print(f"[batch:joint] {msg}", flush=True))["train"]
+        st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
+              "train_seconds": train["wall_s"], "wall_s": time.time() - t0}
+    except Exception as e:  # noqa: BLE001
+        st = {"status": "failed", "error": _error(e), "concepts": names,
+              "wall_s": time.time() - t0, "traceback": traceback.format_exc()[-6000:]}
+        progress(f"[batch] joint: failed -- {st['error'].splitlines()[0]}")
+    write_json(st_path, st)
+    return dict(st, skipped=False)
+
+
+def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors: int) -> list[str]:
+    """Each concept's training shards; built under joint/data/ where its separate run failed before them."""
+    from ..job import check_inputs
+    from ..data import build_training_data
+
+    by = {c.name: c for c in batch.concepts}
+    dirs = []
+    for n in names:
+        d = out / "concepts" / n / "data"
+        if not (d / "_SUCCESS").exists():
+            res = check_inputs(by[n].cfg, models)
+            d = build_training_data(by[n].cfg, models.model_path, models.clip, out / "joint" / "data" / n,
+                                    models.world, num_actors=num_actors, resolution=res)
+        dirs.append(str(d))
+    return dirs
+
+
+def _joint_rows(dirs: list[str], rows_dir: Path, all_words: list[list[str]], seed: int) -> Path:
+    """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete)."""
+    import ray
+
+    from ..data import write_shards
+
+    if (rows_dir / "_SUCCESS").exists():
+        return rows_dir
+    ds = None
+    for d in dirs:
+        part = ray.data.read_parquet(d)
+        ds = part if ds is None else ds.union(part)
+    # a preservation row of one concept that names another concept of the batch would keep what
+    # that concept removes: such rows are dropped (the other concept's own rows cover it)
+    ds = ds.filter(lambda r: bool(r["mask"]) or not names_any(str(r["target_caption"]), all_words))
+    write_shards(ds.random_shuffle(seed=seed), rows_dir)
+    return rows_dir
+
+
+# --- evaluation of merged / joint models -------------------------------------------------------
+
+def _eval_rows(concepts: list[BatchConcept], groups: dict[str, list]) -> list[dict]:
+    from ..sampling import prompt_seed
+
+    # the seeds evaluate.generate_before_after uses: the same images as the separate runs' evaluation
+    return [{"concept": c.name, "group": g.name, "idx": i, "prompt": p, "seed": prompt_seed(c.cfg.eval_seed, i),
+             "steps": c.cfg.eval_steps, "guidance": c.cfg.guidance_scale}
+            for c in concepts for g in groups[c.name] for i, p in enumerate(g.prompts)]
+
+
+def generate_images(rows: list[dict], model_path: str, delta_path: str | None, num_actors: int = 1,
+                    use_gpu: bool = False) -> dict[tuple[str, str], np.ndarray]:
+    """{(concept, group): uint8 NxHxWx3} through the Ray Data Sampler."""
+    from ..images import decode_png
+    from ..sampling import sample_dataset
+
+    ds = sample_dataset(rows, model_path, {"image": delta_path}, use_gpu=use_gpu, num_actors=num_actors,
+                        batch_size=32)
+    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for r in ds.iter_rows():
+        out.setdefault((r["concept"], r["group"]), {})[int(r["idx"])] = decode_png(r["image"])
+    return {k: np.stack([v[i] for i in sorted(v)]) for k, v in out.items()}
+
+
+def _save_npz(path: Path, images: dict[tuple[str, str], np.ndarray]) -> None:
+    with atomic(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **{f"{c}|{g}": v for (c, g), v in images.items()})
+
+
+def _load_npz(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    with np.load(path) as z:
+        return {tuple(k.split("|", 1)): z[k] for k in z.files}
+
+
+def _already_evaluated(concepts: list[BatchConcept], delta_path: str, out: Path, digest: str,
+                       judge_digest: str | None) -> dict[str, dict]:
+    done = {}
+    for c in concepts:
+        p = out / c.name / "metrics.json"
+        if p.exists():
+            m = json.loads(p.read_text())
+            same = m.get("delta_sha256") == digest if "delta_sha256" in m else \
+                Path(delta_path).stat().st_mtime <= p.stat().st_mtime  # written before this field existed
+            if m.get("delta") == str(delta_path) and same and m.get("probe_sha256") == judge_digest:
+                done[c.name] = m
+    return done
+
+
+def _before_images(concepts: list[BatchConcept], rows: list[dict], models, cache: Path, num_actors: int,
+                   use_gpu: bool, progress, label: str) -> dict[tuple[str, str], np.ndarray]:
+    """The base model's images, generated once per batch into `cache` and shared by every variant."""
+    cache.mkdir(parents=True, exist_ok=True)
+    before: dict = {}
+    missing = []
+    for c in concepts:
+        f = cache / f"{c.name}.npz"
+        if f.exists():
+            before.update(_load_npz(f))
+        else:
+            missing.append(c)
+    if missing:
+        mrows = [r for r in rows if r["concept"] in {c.name for c in missing}]
+        progress(f"[batch] {label} evaluation: {len(mrows)} before-images (base model, cached for every variant)")
+        imgs = generate_images(mrows, models.model_path, None, num_actors, use_gpu)
+        for c in missing:
+            part = {k: v for k, v in imgs.items() if k[0] == c.name}
+            _save_npz(cache / f"{c.name}.npz", part)
+            before.update(part)
+    return before
+
+
+def _write_variant(c: BatchConcept, groups: list, images: dict[str, dict[str, np.ndarray]], scorer, judge, world,
+                   d: Path, fields: dict) -> dict:
+    """One concept's metrics.json, report.md and grid.png under one variant."""
+    from ..evaluation import save_before_after_grid
+    from ..metrics import measure_groups
+    from ..report import report_markdown
+
+    metrics = measure_groups(groups, images, c.cfg.concept, scorer, judge, world)
+    metrics["config"] = to_dict(c.cfg)
+    metrics.update(fields)
+    d.mkdir(parents=True, exist_ok=True)
+    write_text(d / "report.md", report_markdown(metrics, groups, world.judge_note).replace(
+        "# Ablation report:", f"# Ablation report ({fields['variant']} model):"))
+    save_before_after_grid(groups, images, d / "grid.png")
+    write_json(d / "metrics.json", metrics)  # last: its presence means this concept is evaluated
+    return metrics
+
+
+def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out: Path, cache: Path,
+                     num_actors: int = 1, progress=print, label: str = "") -> dict[str, dict]:
+    """Every concept's evaluation groups on one delta: <out>/<concept>/metrics.json + report.md + grid.png.
+
+    Before-images come from `cache` (generated once per batch, shared by every variant).
+    Skipped when every concept's metrics.json exists and names this delta, with the same contents (a
+    re-merge with other settings writes a new file at the same path).
+    """
+    from ..clip import ClipScorer
+
+    world = models.world
+    digest = hashlib.sha256(Path(delta_path).read_bytes()).hexdigest()
+    # the judge counts too: metrics measured by another probe are not this evaluation's
+    fields = {"delta": str(delta_path), "delta_sha256": digest, "probe_sha256": world.judge_sha256(),
+              "variant": label}
+    done = _already_evaluated(concepts, delta_path, out, digest, fields["probe_sha256"])
+    if len(done) == len(concepts):
+        progress(f"[batch] {label} evaluation: already done, skipped")
+        return done
+    todo = [c for c in concepts if c.name not in done]
+    t0 = time.time()
+    groups = {c.name: world.eval_groups(c.cfg.concept, c.cfg.eval_images, c.cfg.eval_seed) for c in todo}
+    rows = _eval_rows(todo, groups)
+    use_gpu = any(c.cfg.use_gpu for c in todo)
+    before = _before_images(todo, rows, models, cache, num_actors, use_gpu, progress, label)
+    progress(f"[batch] {label} evaluation: {len(rows)} after-images with {Path(delta_path).name}")
+    after = generate_images(rows, models.model_path, str(delta_path), num_actors, use_gpu)
+    scorer, judge = ClipScorer.load(models.clip), world.judge()
+    for c in todo:
+        images = {g.name: {"before": before[(c.name, g.name)], "after": after[(c.name, g.name)]}
+                  for g in groups[c.name]}
+        done[c.name] = _write_variant(c, groups[c.name], images, scorer, judge, world, out / c.name, fields)
+    progress(f"[batch] {label} evaluation: done in {time.time() - t0:.0f}s")
+    return done
+
+
+# --- the whole batch ---------------------------------------------------------------------------
+
+def batch_models(batch: Batch):
+    """The concepts' models, which must be one model and one CLIP (their deltas are merged)."""
+    from ..job import resolve_models
+
+    models = resolve_models(batch.concepts[0].cfg)
+    for c in batch.concepts[1:]:
+        m = resolve_models(c.cfg)
+        if (m.model_path, m.clip) != (models.model_path, models.clip):
+            raise ConfigError(f"concepts[{c.index}].model",
+                              "every concept of a batch must use the same model and CLIP (they are merged)")
+    return models
+
+
+@dataclasses.dataclass
+class _Combined:
+    """What the merged, joint and sum steps share: the succeeded concepts and where their results go."""
+    batch: Batch
+    out: Path
+    models: Any
+    names: list[str]
+    num_actors: int
+    progress: Callable
+
+    def evaluate(self, delta: Path, out: Path, label: str) -> dict[str, dict]:
+        concepts = [c for c in self.batch.concepts if c.name in self.names]
+        return evaluate_variant(concepts, self.models, str(delta), out, self.out / "eval" / "before",
+                                self.num_actors, self.progress, label)
+
+
+def _merged_step(r: _Combined, variants: dict, extra: dict) -> None:
+    try:
+        extra["merge"] = merge_batch(r.batch, r.out, r.models, r.names, r.progress)
+        variants["merged"] = r.evaluate(r.out / "merged" / "merged_delta.safetensors", r.out / "merged" / "eval",
+                                        "merged")
+    except Exception as e:  # noqa: BLE001 - the separate results stand; say what went wrong
+        extra["merge"] = {"status": "failed", "error": _error(e)}
+        r.progress(f"[batch] merge: failed -- {extra['merge']['error'].splitlines()[0]}")
+
+
+def _joint_step(r: _Combined, variants: dict, extra: dict) -> None:
+    extra["joint"] = run_joint(r.batch, r.out, r.models, r.names, r.num_actors, r.progress)
+    if extra["joint"]["status"] == "succeeded":
+        try:
+            variants["joint"] = r.evaluate(r.out / "joint" / "matcher_delta.safetensors", r.out / "joint" / "eval",
+                                           "joint")
+        except Exception as e:  # noqa: BLE001
+            extra["joint"]["eval_error"] = _error(e)
+
+
+def _sum_step(r: _Combined, variants: dict, extra: dict) -> None:
+    try:
+        variants["sum"] = r.evaluate(r.out / "merged" / "sum_delta.safetensors", r.out / "merged" / "sum_eval", "sum")
+    except Exception as e:  # noqa: BLE001
+        extra["merge"]["sum_eval_error"] = _error(e)
+
+
+def _combined_variants(r: _Combined, variants: dict, extra: dict, timing: dict) -> None:
+    s = r.batch.settings
+    steps = [("merge", _merged_step, lambda: s.merge), ("joint", _joint_step, lambda: s.joint),
+             # the naive-sum baseline last: the merged and joint models come first when time is short
+             ("sum", _sum_step,
+              lambda: s.merge and s.evaluate_sum and extra.get("merge", {}).get("status") != "failed")]
+    for key, step, wanted in steps:
+        if wanted():
+            t = time.time()
+            step(r, variants, extra)
+            timing[key] = time.time() - t
+
+
+def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int = 1, progress=print,
+              separate_only: bool = False) -> dict:
+    """Separate runs (concurrent), merge, joint run, evaluations, summary. Returns summary.json's dict."""
+    from ..job import check_output_dir, init_ray
+
+    t0 = time.time()
+    out = Path(output_dir).expanduser().resolve()
+    check_output_dir(out)
+    models = models if models is not None else batch_models(batch)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch.json").write_text(json.dumps({"source": batch.source, "settings": dataclasses.asdict(batch.settings),
+                                                "concepts": [to_dict(c.cfg) for c in batch.concepts]}, indent=1))
+    init_ray()
+    progress(f"[batch] {len(batch.concepts)} concepts, at most {batch.settings.max_concurrent} at once -> {out}")
+    statuses = run_separate(batch, out, models, num_actors, progress)
+    timing = {"separate": time.time() - t0}
+    ok = [c.name for c in batch.concepts if statuses.get(c.name, {}).get("status") == "succeeded"]
+    variants: dict[str, dict[str, dict]] = {"separate": {
+        n: json.loads((out / "concepts" / n / "metrics.json").read_text()) for n in ok}}
+    extra: dict = {}
+    if not separate_only and ok:
+        _combined_variants(_Combined(batch, out, models, ok, num_actors, progress), variants, extra, timing)
+    timing["total"] = time.time() - t0
+    extra["timing"] = timing
+    summary = write_summary(batch, out, statuses, variants, extra)
+    progress(console_table(summary))
+    progress(f"[batch] summary: {out / 'summary.md'}, {out / 'summary.json'}")
+    return summary
