@@ -1,0 +1,300 @@
+"""Ray Tune over whole single-concept ablation runs.
+
+Each trial is an ablation run: a Ray Train `TorchTrainer` (DeepSpeed matcher + discriminator) started
+from inside the Tune function, which is how Ray 2.60's Train V2 composes with Tune, followed by a
+short evaluation. Trials train in rungs (by default half the steps, then all of them; a rung resumes
+the previous rung's Ray Train checkpoint) and report the objective (`objective.py`) after each rung,
+so ASHA stops poor trials early. The training data is built once (anchor images, CLIP similarities);
+each trial re-masks it at its own CLIP threshold (`data.apply_threshold`) without generating anything
+again, and the base model's "before" images are generated once and shared with every trial.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import AblationConfig, ConfigError, config_from_dict, save_config, to_dict
+from ..files import write_json, write_text
+from .objective import objective_parts
+from .report import METRIC_COLUMNS, console_table, fmt_params, plot_objective, report_markdown, write_trials_csv
+from .space import Param, apply_params, check_space
+
+
+@dataclasses.dataclass
+class TuneSettings:
+    num_samples: int = 8
+    max_concurrent: int = 0  # 0: as many as the cluster's CPUs (or GPUs) hold
+    rungs: list[int] = dataclasses.field(default_factory=list)  # training steps per rung; [] = [steps/2, steps]
+    trial_eval_images: int = 16  # images per prompt group in a trial's evaluation
+    kid_weight: float = 1.0
+    search_seed: int = 0  # the random search's seed
+    heldout_seed: int | None = None  # evaluation seed of the final comparison; default eval_seed + 1
+    trial_workers: int = 1  # Ray Train workers per trial
+    scheduler: str = "asha"  # asha | fifo
+    final: bool = True  # train default and best to the end and evaluate them on the held-out seed
+
+    def check(self, cfg: AblationConfig) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.max_concurrent < 0:
+            raise ConfigError("max_concurrent", f"must be >= 0, got {self.max_concurrent}")
+        if self.trial_eval_images < 2:
+            raise ConfigError("trial_eval_images", f"must be >= 2 (KID needs two), got {self.trial_eval_images}")
+        if self.trial_workers < 1:
+            raise ConfigError("trial_workers", f"must be >= 1, got {self.trial_workers}")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError("scheduler", f"unknown scheduler {self.scheduler!r}; allowed: asha, fifo")
+        rungs = self.rung_steps(cfg)
+        if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[0] < 1:
+            raise ConfigError("rungs", f"must be increasing step counts >= 1, got {rungs}")
+        if self.heldout(cfg) == cfg.eval_seed:
+            raise ConfigError("heldout_seed", f"must differ from the search's evaluation seed ({cfg.eval_seed})")
+
+    def rung_steps(self, cfg: AblationConfig) -> list[int]:
+        if self.rungs:
+            return [int(r) for r in self.rungs]
+        return [max(1, cfg.steps // 2), cfg.steps] if cfg.steps >= 2 else [cfg.steps]
+
+    def heldout(self, cfg: AblationConfig) -> int:
+        return cfg.eval_seed + 1 if self.heldout_seed is None else self.heldout_seed
+
+
+def _quiet(msg: str) -> None:
+    """run_concept's progress lines: silent here, since trials run side by side and interleave."""
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """The Tune function: train in rungs (each resuming the last), evaluate, report the objective."""
+    import torch
+    from ray import tune
+
+    from ..job import run_concept
+
+    torch.set_num_threads(1)
+    cfg = apply_params(config_from_dict(ctx["base"]), params)
+    cfg.num_workers = ctx["trial_workers"]
+    trial_dir = Path(ctx["out"]) / "trials" / tune.get_context().get_trial_id()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "params.json").write_text(json.dumps(params))
+    for steps in ctx["rungs"]:
+        cfg.steps = steps
+        run = run_concept(cfg, trial_dir, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=cfg.clip_threshold,
+                          run_name="train", cpus_per_worker=ctx["cpus_per_worker"], evaluation="quick",
+                          eval_context=ctx["eval"], log=_quiet)
+        parts = objective_parts(run["metrics"], ctx["kid_weight"])
+        last = run["train"]["metrics"][-1] if run["train"]["metrics"] else {}
+        write_json(trial_dir / "progress.json", {"steps": steps, "params": params, **parts})
+        tune.report({**parts, "steps": steps, "loss": float(last.get("loss", float("nan"))),
+                     "trial_dir": str(trial_dir)})
+
+
+def _resources(cfg: AblationConfig, settings: TuneSettings) -> tuple[int, float]:
+    """(concurrent trials, CPUs per Ray Train worker) for the cluster Ray is connected to."""
+    import ray
+
+    from ..resources import cpu_share
+
+    if cfg.use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        return settings.max_concurrent or max(1, gpus // settings.trial_workers), 1.0
+    total_cpu = ray.cluster_resources().get("CPU", 1.0)
+    k = settings.max_concurrent or max(1, int(total_cpu // settings.trial_workers))
+    return k, cpu_share(total_cpu, k * settings.trial_workers)
+
+
+# --- the search --------------------------------------------------------------------------------
+
+def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSettings, output_dir: str | Path,
+                  user_data: str | None = None) -> dict:
+    """Search `space` around `cfg`; write trials.csv, best_config.yaml, objective_vs_params.png,
+    tune_report.md and tune_summary.json into `output_dir`. Returns the summary."""
+    from ..job import init_ray
+    from ..config import concept_name
+
+    t0 = time.time()
+    out, models, resolution = _prepare(cfg, space, settings, output_dir, user_data)
+    init_ray()
+    k, cpus_per_worker = _resources(cfg, settings)
+    rungs = settings.rung_steps(cfg)
+    print(f"[tune] {settings.num_samples} trials of {concept_name(cfg.concept)!r}, {k} at a time, "
+          f"{settings.trial_workers} worker(s) x {cpus_per_worker} CPU each, rungs {rungs} steps, "
+          f"scheduler {settings.scheduler}", flush=True)
+    ctx = _shared_inputs(cfg, models, out, settings, user_data, resolution)
+    ctx.update(rungs=rungs, cpus_per_worker=cpus_per_worker)
+    default_point = {n: getattr(cfg, n) for n, p in space.items() if p.dist not in ("grid", "fixed")}
+    tuner = _tuner(space, settings, ctx, k, default_point)
+    print("[tune] 3/4 search", flush=True)
+    # Ctrl-C stops the whole job (exit 130; re-run to resume the finished trials' checkpoints), not
+    # only the search: Tune's own SIGINT handler would end the search and let the job go on.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    trials = _collect(tuner.fit(), space, rungs, bool(default_point))
+    write_trials_csv(out / "trials.csv", trials, space)
+    best, default = _pick(trials, rungs)
+    best_cfg = apply_params(cfg, best["params"])
+    save_config(best_cfg, out / "best_config.yaml")
+    plot_objective(trials, space, out / "objective_vs_params.png")
+    print(f"[tune]     best trial {best['trial_id']}: objective {best['objective']:.3f} "
+          f"({fmt_params(best['params'])})", flush=True)
+    summary = {"concept": concept_name(cfg.concept), "rungs": rungs, "num_trials": len(trials),
+               "failed_trials": sum(t["status"] != "ok" for t in trials), "concurrent_trials": k,
+               "cpus_per_worker": cpus_per_worker, "kid_weight": settings.kid_weight,
+               "search_seed_eval": cfg.eval_seed, "best_search": _public(best),
+               "default_search": _public(default) if default else None}
+    if settings.final:
+        summary.update(_final_comparison(cfg, best_cfg, best, default, ctx, out, settings))
+    summary["wall_seconds"] = time.time() - t0
+    write_json(out / "tune_summary.json", summary)
+    write_text(out / "tune_report.md", report_markdown(summary, trials, space))
+    print(console_table(summary), flush=True)
+    return summary
+
+
+def _prepare(cfg: AblationConfig, space: dict[str, Param], settings: TuneSettings, output_dir: str | Path,
+             user_data: str | None):
+    """Every check before anything is written, then the base config and the space into `output_dir`."""
+    from ..job import check_inputs, check_output_dir, resolve_models
+
+    settings.check(cfg)
+    check_space(cfg, space)
+    out = Path(output_dir).expanduser().resolve()
+    models = resolve_models(cfg)
+    check_output_dir(out)
+    resolution = check_inputs(cfg, models, user_data)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "base_config.yaml")
+    write_text(out / "space.yaml", yaml.safe_dump({k: p.as_dict() for k, p in space.items()}, sort_keys=False))
+    return out, models, resolution
+
+
+def _shared_inputs(cfg: AblationConfig, models, out: Path, settings: TuneSettings, user_data: str | None,
+                   resolution: int) -> dict:
+    """What every trial shares, made once: the training data and the base model's before-images."""
+    from ..data import build_training_data
+    from ..evaluation import generate_before_after
+
+    print("[tune] 1/4 training data (built once; each trial re-masks it at its own CLIP threshold)", flush=True)
+    data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
+                                   resolution=resolution)
+    print("[tune] 2/4 base-model images for the trials' evaluation (generated once)", flush=True)
+    groups = models.world.eval_groups(cfg.concept, settings.trial_eval_images, cfg.eval_seed)
+    before = {name: imgs["before"] for name, imgs in
+              generate_before_after(groups, models.model_path, None, cfg, cfg.eval_seed).items()}
+    return {"base": to_dict(cfg), "out": str(out), "data_dir": str(data_dir), "models": models,
+            "eval": {"groups": groups, "before": before, "seed": cfg.eval_seed},
+            "kid_weight": settings.kid_weight, "trial_workers": settings.trial_workers}
+
+
+def _tuner(space: dict[str, Param], settings: TuneSettings, ctx: dict, k: int, default_point: dict):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    rungs = ctx["rungs"]
+    # The concurrency limit goes to the generator itself: Tune applies max_concurrent_trials only to
+    # Searchers, and silently ignores it for a BasicVariantGenerator passed in.
+    searcher = BasicVariantGenerator(points_to_evaluate=[default_point] if default_point else None,
+                                     max_concurrent=k, random_state=settings.search_seed)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1, reduction_factor=2)
+                 if settings.scheduler == "asha" and len(rungs) > 1 else FIFOScheduler())
+    # The Tune function only orchestrates: its trainer's workers and data tasks reserve the CPUs.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0.01})
+    return tune.Tuner(
+        trainable,
+        param_space={n: p.tune_domain() for n, p in space.items()},
+        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=settings.num_samples,
+                                    max_concurrent_trials=k, scheduler=scheduler, search_alg=searcher),
+        run_config=tune.RunConfig(name="search", storage_path=str(Path(ctx["out"]) / "tune"), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+
+
+def _pick(trials: list[dict], rungs: list[int]) -> tuple[dict, dict | None]:
+    """(best trial among those that reached the last rung, the default config's trial)."""
+    ok = [t for t in trials if t["status"] == "ok"]
+    if not ok:
+        raise RuntimeError(f"every trial failed; first error: {trials[0]['error'] if trials else 'no trials'}")
+    finished = [t for t in ok if t["steps"] == rungs[-1]] or ok
+    return max(finished, key=lambda t: t["objective"]), next((t for t in trials if t["is_default"]), None)
+
+
+def _final_comparison(cfg: AblationConfig, best_cfg: AblationConfig, best: dict, default: dict | None, ctx: dict,
+                      out: Path, settings: TuneSettings) -> dict:
+    print(f"[tune] 4/4 default vs best, trained to {ctx['rungs'][-1]} steps, evaluated on held-out seed "
+          f"{settings.heldout(cfg)}", flush=True)
+    final = {}
+    for label, c, trial in [("default", cfg, default), ("best", best_cfg, best)]:
+        if trial is None or trial["status"] != "ok":
+            final[label] = {"error": (trial or {}).get("error", "no trial")}
+            continue
+        if label == "best" and default is not None and trial["trial_id"] == default["trial_id"] \
+                and "objective" in final.get("default", {}):
+            # the default won: the same trial, trained and evaluated once
+            final["best"] = dict(final["default"], same_as_default=True)
+            print("[tune]     best: the default config itself (evaluated above)", flush=True)
+            continue
+        final[label] = _final_eval(label, c, trial, ctx, out, settings)
+    return {"heldout_seed": settings.heldout(cfg), "final": final}
+
+
+def _final_eval(label: str, cfg: AblationConfig, trial: dict, ctx: dict, out: Path, settings: TuneSettings) -> dict:
+    """Finish the trial's training to the last rung (resuming its checkpoint) and evaluate it in full
+    on the held-out seed, into out/final/<label>."""
+    from ..job import run_concept
+
+    c = copy.deepcopy(cfg)
+    c.num_workers = ctx["trial_workers"]
+    c.steps = ctx["rungs"][-1]
+    c.eval_seed = settings.heldout(cfg)
+    # The trial's own Ray Train run, where run_training put it (under the trial's folder unless the
+    # config names a storage path), so the last rung resumes instead of training from the start.
+    c.storage_path = cfg.storage_path or str(Path(trial["trial_dir"]) / "ray")
+    dest = out / "final" / label
+    run = run_concept(c, dest, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=c.clip_threshold,
+                      run_name="train", cpus_per_worker=ctx["cpus_per_worker"], log=_quiet)
+    parts = objective_parts(run["metrics"], settings.kid_weight)
+    print(f"[tune]     {label}: objective {parts['objective']:.3f} (ablation {parts['ablation']:.3f}, "
+          f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f})", flush=True)
+    return {"trial_id": trial["trial_id"], "params": trial["params"], "delta": run["train"]["delta_path"],
+            "report": str(dest / "report.md"), **parts}
+
+
+def _collect(grid, space: dict[str, Param], rungs: list[int], has_default: bool) -> list[dict]:
+    trials = []
+    for i in range(len(grid)):
+        r = grid[i]
+        m = r.metrics or {}
+        found = re.search(r"[0-9a-f]{5}_\d{5}", Path(r.path).name)
+        row = {"trial_id": m.get("trial_id") or (found.group(0) if found else Path(r.path).name),
+               "params": {n: r.config.get(n) for n in space},
+               "status": "ok" if r.error is None and "objective" in m else "failed",
+               "error": "" if r.error is None else _one_line(r.error),
+               "steps": m.get("steps"), "stopped_early": bool(m.get("steps") is not None and m.get("steps") < rungs[-1]),
+               "trial_dir": m.get("trial_dir", "")}
+        row.update({k: m.get(k) for k in METRIC_COLUMNS})
+        row["keeps"] = {k: v for k, v in m.items() if k.startswith("keep/")}
+        row["is_default"] = False
+        trials.append(row)
+    trials.sort(key=lambda t: t["trial_id"])
+    if trials and has_default:
+        # points_to_evaluate makes the first trial the base config.
+        trials[0]["is_default"] = True
+    return trials
+
+
+def _one_line(err) -> str:
+    text = str(err).strip().splitlines()
+    keep = [l for l in text if "Error" in l or "error" in l] or text
+    return (keep[-1] if keep else repr(err))[:300]
+
+
+def _public(t: dict | None) -> dict | None:
+    if t is None:
+        return None
+    return {k: v for k, v in t.items() if k != "keeps"} | {"keeps": t["keeps"]}
