@@ -26,42 +26,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def rows(cfg, n: int) -> list[dict]:
     """Training rows from toy renders (their content does not change the cost of a step)."""
-    from rayablate import prompts as P
     from rayablate.images import encode_png
     from rayablate.toyworld import world
+    from rayablate.toyworld.vocab import ToyWorld
 
     images, _, _ = world.sample(n, seed=5)
-    pairs = P.caption_pairs(cfg.concept, n, 0, toy=True)
+    pairs = ToyWorld().caption_pairs(cfg.concept, n, 0)
     return [{"image": encode_png(im), "target_caption": a, "anchor_caption": b, "mask": int(i % 3 != 0), "seed": i}
             for i, (im, (a, b)) in enumerate(zip(images, pairs))]
 
 
 def plain_loop(cfg, model_path: str, data: list[dict], steps: int) -> float:
-    """Median s/step of a single-process PyTorch loop over the same objective."""
-    import numpy as np
+    """Median s/step of the in-process core (`rayablate.method`: plain PyTorch optimizers, one process)."""
     import torch
 
-    from rayablate.train import AblationWorker
+    from rayablate.method import Ablation, PlainOptimizers, columns_of, train_step
+    from rayablate.pipeline import load_pipeline
 
     torch.set_num_threads(1)
-    w = AblationWorker(cfg, model_path)
-    opt = torch.optim.AdamW([p for p in w.student.parameters() if p.requires_grad], lr=cfg.lr_matcher)
-    dopt = torch.optim.Adam(w.disc.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.999)) if w.disc is not None else None
+    ablation = Ablation(load_pipeline(model_path), cfg)
+    optim = PlainOptimizers(ablation)
     times = []
     for step in range(1, steps + 1):
         t = time.perf_counter()
         chunk = [data[(step * cfg.batch_size + i) % len(data)] for i in range(cfg.batch_size)]
-        batch = {k: np.array([r[k] for r in chunk], dtype=object if k in ("image", "target_caption", "anchor_caption")
-                             else None) for k in chunk[0]}
-        out = w.losses(w.batch_tensors(batch), step)
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in w.student.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        if dopt is not None:
-            dopt.zero_grad(set_to_none=True)
-            out["disc"].backward()
-            dopt.step()
+        train_step(ablation, optim, columns_of(chunk), step)
         times.append(time.perf_counter() - t)
     return statistics.median(times[2:])
 
@@ -88,7 +77,7 @@ def main() -> int:
 
     import ray
 
-    from rayablate.ablate import init_ray, resolve_models
+    from rayablate.job import init_ray, resolve_models
     from rayablate.config import AblationConfig
 
     models = resolve_models(AblationConfig())
@@ -104,7 +93,7 @@ def main() -> int:
     b = args.batch_size
     print(f"\n| setup (batch {b} per worker, {args.steps} steps, toy model) | s/step | vs plain PyTorch |")
     print("|---|---|---|")
-    print(f"| plain PyTorch loop, 1 process | {plain:.3f} | 1.00 |")
+    print(f"| in-process core (rayablate.method, plain PyTorch), 1 process | {plain:.3f} | 1.00 |")
     print(f"| Ray Train + DeepSpeed ZeRO-2, 1 worker | {one:.3f} | {one / plain:.2f}x step time |")
     print(f"| Ray Train + DeepSpeed ZeRO-2, 2 workers (2x rows per step) | {two:.3f} | "
           f"{two / plain:.2f}x step time, {2 * plain / two:.2f}x rows/s |")
@@ -120,7 +109,7 @@ def main() -> int:
         m = json.loads((out / "metrics.json").read_text())
         print(f"\nend-to-end default job (python jobs/train.py): {wall:.0f} s wall "
               f"(job's own wall_seconds {m['wall_seconds']:.0f} s, training {m.get('train_seconds', 0):.0f} s)")
-        from rayablate.ablate import console_summary
+        from rayablate.report import console_summary
 
         print("what it ablated (concept rate by the probe, before -> after):")
         print(console_summary(m))

@@ -1,4 +1,4 @@
-"""The loss terms of concept ablation (DESIGN.md's table), each a pure function of tensors.
+"""The loss terms of concept ablation (docs/design.md#the-method), each a pure function of tensors.
 
 Noise predictions are NxCxHxW. `mask` arguments are per-row weights (1 = the row takes part);
 every term is a masked mean over rows, and 0 when no row takes part.

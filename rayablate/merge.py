@@ -120,7 +120,7 @@ def caption_embeddings(pipe, captions: Iterable[str], batch: int = 64) -> torch.
     All positions are kept, padding included: the UNet attends to every one of them.
     """
     from .pipeline import text_encoders
-    from .train import PromptEncoder
+    from .conditioning import PromptEncoder
 
     captions = [str(c) for c in captions]
     enc = PromptEncoder(pipe)

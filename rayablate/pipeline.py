@@ -235,16 +235,24 @@ def export_delta(pipe, group: str, path: str | os.PathLike, base_state: dict[str
 def write_delta_file(pipe, tensors: dict[str, torch.Tensor], path: str | os.PathLike, group: str,
                      extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `tensors` (full values) as a delta file of `pipe`'s architecture, atomically."""
+    return save_delta_tensors(tensors, path, delta_metadata(group, architecture_fingerprint(pipe), extra_metadata))
+
+
+def delta_metadata(group: str, architecture: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A delta file's metadata: its format, parameter group and architecture fingerprint (+ extra)."""
+    return {"format": DELTA_FORMAT, "group": group, "architecture": architecture, **(extra or {})}
+
+
+def save_delta_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write delta tensors and their metadata as a safetensors file, atomically."""
     from safetensors.torch import save_file
 
     from .files import atomic
 
-    meta = {"format": DELTA_FORMAT, "group": group, "architecture": architecture_fingerprint(pipe)}
-    meta.update(extra_metadata or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
     return path
 
 
@@ -300,13 +308,15 @@ def check_delta_fits(delta: str | os.PathLike, model_path: str | os.PathLike) ->
                              f"model's has {shapes[comp][rest]} ({root})")
 
 
-def apply_delta(pipe, delta: str | os.PathLike | dict[str, torch.Tensor], scale: float | None = None) -> list[str]:
+def apply_delta(pipe, delta, scale: float | None = None) -> list[str]:
     """Write a delta's tensors into `pipe` in place. Refuses deltas of another architecture.
 
-    With `scale`, the pipeline's tensors move by `scale * (delta - current)` instead (for merges).
-    Returns the names written.
+    `delta`: a delta file's path, a `rayablate.Delta`, or a dict of tensors. With `scale`, the
+    pipeline's tensors move by `scale * (delta - current)` instead (for merges). Returns the names written.
     """
-    if isinstance(delta, dict):
+    if hasattr(delta, "tensors") and hasattr(delta, "metadata"):
+        tensors, meta = delta.tensors, delta.metadata
+    elif isinstance(delta, dict):
         tensors, meta = delta, {}
     else:
         tensors, meta = read_delta(delta)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from rayablate.config import AblationConfig, to_dict
+from rayablate.faults import Faults
 from test_jobs import check_outputs, ray_pids_under
 from rayablate.train import DELTA_NAME
 
@@ -144,7 +145,7 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupte
     """Rank 1's process is SIGKILLed (by its pid, from the test) right after the step-3 checkpoint;
     FailureConfig(max_failures=1) restarts the worker group from that checkpoint and the run ends
     where the uninterrupted one ends."""
-    from rayablate.evaluate import report_markdown
+    from rayablate.report import report_markdown
     from rayablate.train import run_training
 
     pids, release = tmp_path / "pids", tmp_path / "release"
@@ -155,9 +156,8 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupte
     def train():
         try:
             result["ok"] = run_training(_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="killed",
-                                        max_failures=1, extra_loop_config={
-                                            "pid_dir": str(pids),
-                                            "hold_after_checkpoint": {"step": 3, "release_file": str(release)}})
+                                        max_failures=1, faults=Faults(pid_dir=str(pids), hold_at_step=3,
+                                                                      release_file=str(release)))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 

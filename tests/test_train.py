@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rayablate.config import AblationConfig
+from rayablate.faults import Faults
 from rayablate.train import DELTA_NAME, METRICS_NAME, TERMS
 
 ROWS = 16
@@ -87,7 +88,8 @@ def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
 
 def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path):
     """No Ray: weight 0 means no forward pass for that term; the total is the weighted sum."""
-    from rayablate.train import AblationWorker
+    from rayablate.method import Ablation
+    from rayablate.pipeline import load_pipeline
 
     batch_rows = _rows(4)
     batch = {k: np.array([r[k] for r in batch_rows], dtype=object if k != "mask" else np.int64)
@@ -100,21 +102,21 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
         return hook
 
     cfg = _cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0)
-    w = AblationWorker(cfg, str(tiny_sd_path))
+    w = Ablation(load_pipeline(tiny_sd_path), cfg)
     w.student.unet.register_forward_hook(count("student"))
     w.teacher.unet.register_forward_hook(count("teacher"))
-    out = w.losses(w.batch_tensors(batch), step=1)
+    out = w.loss_terms(w.batch_tensors(batch), step=1)
     assert calls == {"student": 1, "teacher": 0}
     assert out["disc"] is None and w.disc is None
     assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
     assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
 
     cfg = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
-    w = AblationWorker(cfg, str(tiny_sd_path))
+    w = Ablation(load_pipeline(tiny_sd_path), cfg)
     calls.update(student=0, teacher=0)
     w.student.unet.register_forward_hook(count("student"))
     w.teacher.unet.register_forward_hook(count("teacher"))
-    out = w.losses(w.batch_tensors(batch), step=1)
+    out = w.loss_terms(w.batch_tensors(batch), step=1)
     # student: c* (all rows) + c (ablation rows, regularizer); teacher: c (all rows) + c* (ablation rows, contrastive)
     assert calls == {"student": 2, "teacher": 2}
     terms = {k: v.item() for k, v in out["terms"].items()}
@@ -127,7 +129,7 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
 def test_shard_cache_order_is_canonical_and_each_epoch_is_a_seeded_permutation():
     """No Ray: the in-memory shard behind epochs 2+ does not depend on the order Ray Data delivered
     the rows in (so a run resumed in a later epoch sees the same batches), and gives up past its limit."""
-    from rayablate.train import ShardCache
+    from rayablate.method import ShardCache
 
     rows = _rows(10)
     cols = {k: np.array([r[k] for r in rows], dtype=object if k != "mask" else np.int64) for k in rows[0]}
@@ -200,7 +202,7 @@ def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(refe
     first = run_training(_two_worker_cfg(steps=3), train_ds, path, out, run_name="resumed")
     assert first["start_step"] == 0 and first["final_step"] == 3
     second = run_training(_two_worker_cfg(steps=6), train_ds, path, out, run_name="resumed", max_failures=1,
-                          extra_loop_config={"fail_at_step": 5})  # rank 0 raises once, before step 5
+                          faults=Faults(fail_at_step=5))  # rank 0 raises once, before step 5
     assert second["worker_restarts"] == 1
     assert second["start_step"] == 3 and second["final_step"] == 6  # it resumed; it did not retrain from 0
     assert [m["step"] for m in second["metrics"]] == [3, 6]  # history carried over in the checkpoint

@@ -236,14 +236,7 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
     tok.save_pretrained(work / "tokenizer")
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     images, captions, _ = load_data(work)
-    lat_path = work / "latents.pt"
-    if lat_path.exists():
-        mean, logvar = torch.load(lat_path, weights_only=True)
-    else:
-        with torch.no_grad():
-            parts = [vae.encode(to_tensor(images[i:i + 512]) * 2 - 1).latent_dist for i in range(0, len(images), 512)]
-        mean, logvar = torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts])
-        torch.save((mean, logvar), lat_path)
+    mean, logvar = _cached_latents(work / "latents.pt", vae, images)
     sf = vae.config.scaling_factor
     ids_all = tokenize(tok, captions)
     empty = tokenize(tok, [""])[0]
@@ -289,11 +282,7 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, e in ((unet, ema_unet), (text, ema_text)):
-                for p, pe in zip(m.parameters(), e.parameters()):
-                    pe.lerp_(p, 1 - decay)
+        _ema_update(((unet, ema_unet), (text, ema_text)), decay=min(0.999, (1 + step) / (10 + step)))
         if step % 200 == 0:
             el = time.time() - t0
             _log(f"sd step {step}/{steps} loss {loss.item():.4f} ({el / (step - start):.3f}s/step, {el / 60:.1f} min)")
@@ -305,6 +294,24 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
     ema_text.save_pretrained(work / "text_encoder", safe_serialization=True)
     if step >= steps:
         done.write_text(json.dumps({"steps": step}))
+
+
+def _cached_latents(path: Path, vae, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, logvar) of every training image, computed once and kept in `path`."""
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    with torch.no_grad():
+        parts = [vae.encode(to_tensor(images[i:i + 512]) * 2 - 1).latent_dist for i in range(0, len(images), 512)]
+    mean, logvar = torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts])
+    torch.save((mean, logvar), path)
+    return mean, logvar
+
+
+@torch.no_grad()
+def _ema_update(pairs, decay: float) -> None:
+    for m, e in pairs:
+        for p, pe in zip(m.parameters(), e.parameters()):
+            pe.lerp_(p, 1 - decay)
 
 
 def _save_sd_ckpt(path, unet, text, ema_unet, ema_text, opt, g, step) -> None:
