@@ -1,0 +1,182 @@
+"""The in-process front end: ablate a concept from a pipeline you hold, with no Ray and no output folder.
+
+    import rayablate
+    pipe = rayablate.load_pipeline(path)              # or StableDiffusionPipeline.from_pretrained(path)
+    concept = rayablate.Concept(target="striped", anchor="plain", neighbours=["dotted"])
+    delta = rayablate.ablate(pipe, concept, steps=100)  # pipe itself is left as it was
+    delta.save("striped.safetensors")
+    after = rayablate.load_pipeline(path)
+    delta.apply(after)                                  # or rayablate.apply_delta(after, "striped.safetensors")
+    report = rayablate.evaluate(pipe, after, concept)   # the job's metrics, group by group
+
+The same data, objective and step as the Ray job (`rayablate.method`), on the pipeline's device
+with plain torch optimizers: the anchor images are generated in this process, the CLIP mask is
+computed here, and the rows are visited in the order a single Ray Train worker visits them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import AblationConfig, ConceptSpec, config_from_dict, to_dict
+
+Concept = ConceptSpec
+
+
+@dataclasses.dataclass
+class Delta:
+    """The matcher's changed tensors (full values, by qualified pipeline name) and their metadata."""
+
+    tensors: dict
+    metadata: dict
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors delta file that `rayablate.apply_delta`, the jobs and `--delta` read."""
+        from .pipeline import save_delta_tensors
+
+        return save_delta_tensors(self.tensors, path, self.metadata)
+
+    def apply(self, pipe, scale: float | None = None):
+        """Write the delta into `pipe` in place (refused for another architecture); returns `pipe`."""
+        from .pipeline import apply_delta
+
+        apply_delta(pipe, self, scale=scale)
+        return pipe
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Delta":
+        from .pipeline import read_delta
+
+        tensors, meta = read_delta(path)
+        return cls(tensors, meta)
+
+
+class Report(dict):
+    """Metrics by prompt group (`target`, `anchor`, `neighbours.<x>`, `paraphrases`), as in metrics.json."""
+
+    def __str__(self) -> str:
+        from .report import console_summary
+
+        return console_summary(dict(self)).rsplit("\nwall time", 1)[0]
+
+
+def _config(concept: ConceptSpec, config: AblationConfig | None, overrides: dict) -> AblationConfig:
+    """The concept and settings as one validated config: ConfigError names a bad field."""
+    data = to_dict(config or AblationConfig())
+    data["concept"] = dataclasses.asdict(concept)
+    data.update(overrides)
+    return config_from_dict(data)
+
+
+def _world(concept: ConceptSpec, world):
+    """The toy world for its own concepts (when no prompts are given); a PromptWorld otherwise."""
+    if world is not None:
+        return world
+    from .toyworld.vocab import ToyWorld
+    from .worlds import PromptWorld
+
+    toy = ToyWorld()
+    explicit = concept.prompts or concept.templates or concept.prompt_file
+    return toy if toy.knows(concept.target) and not explicit else PromptWorld()
+
+
+def _clip(clip: str | None, cfg: AblationConfig) -> str:
+    if clip or cfg.clip:
+        return clip or cfg.clip
+    from .toyworld import bundle_paths
+
+    return str(bundle_paths()["clip"])
+
+
+def _progress(total: int, desc: str, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+
+
+def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = True) -> dict[str, np.ndarray]:
+    """The job's training rows, made in this process: anchor images from `pipe` (the same prompts,
+    seeds and batches of 16 as the Ray Data sampler), CLIP masks at the config's threshold."""
+    from .data import ClipMasker, prompt_rows
+    from .images import encode_png
+    from .method import columns_of
+    from .sampling import sample_images
+
+    rows = prompt_rows(cfg, world)
+    device = str(pipe.device)
+    bar = _progress(len(rows), "anchor images", progress)
+    for i in range(0, len(rows), 16):
+        part = rows[i:i + 16]
+        imgs = sample_images(pipe, [r["anchor_caption"] for r in part], [r["seed"] for r in part],
+                             cfg.anchor_steps, cfg.guidance_scale, device)
+        for r, im in zip(part, imgs):
+            r["image"] = encode_png(im)
+        bar.update(len(part))
+    bar.close()
+    texts = world.concept_texts(cfg.concept.target) + list(cfg.concept.synonyms)
+    return ClipMasker(clip, texts, cfg.clip_threshold)(columns_of(rows))
+
+
+def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,
+           world=None, clip: str | None = None, progress: bool = True,
+           callback: Callable[[int, dict], None] | None = None, **overrides) -> Delta:
+    """Ablate `concept` from `pipe` in this process; returns the delta (`pipe` is not changed).
+
+    `config`: the settings (an AblationConfig; its concept is replaced by `concept`); `steps` and
+    any other AblationConfig field given as a keyword override it. `world`: where prompts and the
+    judge come from (default: the toy world for its own concepts, else the concept's prompts and
+    templates). `clip`: the CLIP of the mask (default: the config's, else the bundled toy CLIP).
+    `callback(step, metrics)` is called after every step.
+    """
+    from .method import Ablation, PlainOptimizers, Position, ShardCache, epoch_seed, step_batches, train_step
+
+    if steps is not None:
+        overrides["steps"] = steps
+    cfg = _config(concept, config, overrides)
+    world = _world(cfg.concept, world)
+    cache = ShardCache(float("inf"))
+    cache.add(training_rows(pipe, cfg, world, _clip(clip, cfg), progress))
+    cache.finish()
+    ablation = Ablation(pipe, cfg, device=pipe.device, copy_modules=True)
+    optim = PlainOptimizers(ablation)
+    pos = Position()
+    bar = _progress(cfg.steps, f"ablating {cfg.concept.target!r}", progress)
+    epochs = lambda epoch: cache.batches(cfg.batch_size, epoch_seed(cfg.seed, 0, epoch))  # noqa: E731
+    for raw in step_batches(cfg, epochs, pos):
+        entry = train_step(ablation, optim, raw, pos.step + 1)
+        pos.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.4g}")
+        if callback is not None:
+            callback(pos.step, entry)
+    bar.close()
+    ablation.sync_shadow()
+    from .pipeline import architecture_fingerprint, delta_metadata
+
+    meta = delta_metadata(cfg.param_group, architecture_fingerprint(ablation.shadow), ablation.delta_metadata(pos.step))
+    return Delta(ablation.delta_tensors(), meta)
+
+
+def evaluate(pipe_before, pipe_after, concept: ConceptSpec, *, world=None, clip: str | None = None,
+             num_images: int | None = None, seed: int | None = None, steps: int | None = None,
+             guidance: float | None = None, config: AblationConfig | None = None) -> Report:
+    """Before/after images of every prompt group, measured as the job measures them (concept rate by
+    the world's judge, CLIP accuracy, CLIP score, KID). Defaults come from `config` (AblationConfig())."""
+    from .clip import ClipScorer
+    from .evaluation import sample_groups
+    from .metrics import measure_groups
+
+    cfg = _config(concept, config, {})
+    world = _world(cfg.concept, world)
+    seed = cfg.eval_seed if seed is None else seed
+    steps, guidance = steps or cfg.eval_steps, guidance or cfg.guidance_scale
+    groups = world.eval_groups(cfg.concept, num_images or cfg.eval_images, seed)
+    shots = {w: sample_groups(p, groups, seed, steps, guidance, str(p.device))
+             for w, p in (("before", pipe_before), ("after", pipe_after))}
+    images = {g.name: {w: shots[w][g.name] for w in shots} for g in groups}
+    scorer = ClipScorer.load(_clip(clip, cfg))
+    return Report(measure_groups(groups, images, cfg.concept, scorer, world.judge(), world))
