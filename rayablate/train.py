@@ -148,7 +148,6 @@ def _load_weights_only(engine) -> None:
         ckpt_engine.load = weights_only_load
 
 
-
 # --- the Ray Train worker function ------------------------------------------------------------------
 
 def _all_ranks_true(flag: bool, device, world_size: int) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from local_ray import start_local_ray
+
 from rayablate.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +98,7 @@ def test_bad_batch_file_exits_2_and_writes_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    # the dashboard stays on: Ray Train V2's placement-group cleaner queries the controller through it
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 ** 2)
+    ray = start_local_ray(300)
     yield ray
     ray.shutdown()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from local_ray import start_local_ray
 from test_jobs import TINY, stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,18 +330,7 @@ def test_outputs_round_trip_through_s3_with_a_custom_endpoint(s3, tmp_path):
 
 
 def _init_ray():
-    import ray
-
-    # The dashboard stays on (Ray Train V2's placement-group cleaner uses it); on a starved machine
-    # the raylet can time out registering: one retry covers that, as in test_train.py.
-    for attempt in range(2):
-        try:
-            ray.init(num_cpus=2, object_store_memory=300 * 1024**2)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == 1:
-                raise
+    start_local_ray(300)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch
 
 from rayablate.config import AblationConfig, to_dict
 from rayablate.faults import Faults
+from local_ray import start_local_ray
 from test_jobs import check_outputs, ray_pids_under
 from rayablate.train import DELTA_NAME
 
@@ -61,17 +62,7 @@ def _cfg(**kw) -> AblationConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    for attempt in range(2):  # on a starved machine the raylet can miss its start deadline once
-        try:
-            # the dashboard serves the state API Ray Train V2's placement-group cleaner polls
-            ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=True)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 1:
-                raise
+    ray = start_local_ray(300)
     yield ray
     ray.shutdown()
 

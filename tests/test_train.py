@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+
+from local_ray import start_local_ray
 import torch
 
 from rayablate.config import AblationConfig
@@ -49,18 +51,7 @@ def _cfg(**kw) -> AblationConfig:
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    import ray
-
-    # The dashboard stays on: Ray Train V2's placement-group cleaner queries the controller through it.
-    # On a starved machine the raylet can give up waiting for its agent; one retry covers that.
-    for attempt in range(2):
-        try:
-            ray.init(num_cpus=2, object_store_memory=200 * 1024**2)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 1:
-                raise
+    ray = start_local_ray(200)
     yield ray
     ray.shutdown()
 
