@@ -1,10 +1,13 @@
-"""A reduced CLIP BPE tokenizer for the toy world, derived from open_clip's shipped vocabulary.
+"""CLIP BPE tokenizers built from open_clip's shipped vocabulary: reduced (the toy world) or full.
 
 The full CLIP vocabulary has 49,408 tokens; a token embedding over it would dominate the
 bundled weights. We keep the 512 byte-level base tokens (so any text still tokenizes), the
 merges that fire when the full BPE tokenizes the world's words (so those words tokenize
 exactly as the full tokenizer would split them), and the two special tokens, last, so that
 the end-of-text id is the largest id (open_clip's argmax pooling relies on that).
+
+`build_full_tokenizer` keeps every merge: the 49,408-token vocabulary of Stable Diffusion's CLIP
+text encoders, for the tiny real-architecture fixtures (`toyworld/tiny.py`).
 """
 from __future__ import annotations
 
@@ -65,8 +68,6 @@ def _fired_merges(word: str, ranks: dict[tuple[str, str], int], byte_encoder: di
 
 def write_reduced_vocabulary(out_dir: str | os.PathLike, words: list[str] | None = None) -> Path:
     """Write vocab.json and merges.txt of a reduced CLIP BPE into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     merges = _full_merges()
     ranks = {m: i for i, m in enumerate(merges)}
     byte_encoder = _bytes_to_unicode()
@@ -74,21 +75,42 @@ def write_reduced_vocabulary(out_dir: str | os.PathLike, words: list[str] | None
     for w in words or vocabulary_words():
         for piece in w.lower().replace(",", " , ").split():
             fired |= _fired_merges(piece, ranks, byte_encoder)
-    kept = [m for m in merges if m in fired]  # keep the original rank order
-    base = list(byte_encoder.values())
-    vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in kept] + ["<|startoftext|>", "<|endoftext|>"]
+    return _write_vocabulary(out_dir, [m for m in merges if m in fired])  # keep the original rank order
+
+
+def write_full_vocabulary(out_dir: str | os.PathLike) -> Path:
+    """Write vocab.json and merges.txt of the full CLIP BPE (49,408 tokens) into `out_dir`."""
+    return _write_vocabulary(out_dir, _full_merges())
+
+
+def _write_vocabulary(out_dir: str | os.PathLike, merges: list[tuple[str, str]]) -> Path:
+    """The byte tokens, their end-of-word forms, one token per merge (in rank order), then the two
+    special tokens: the layout (and ids) of open_clip's SimpleTokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in kept) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
     return out
 
 
 def build_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 24):
     """A transformers CLIPTokenizer over the reduced vocabulary, saved in `out_dir`."""
+    return _saved_tokenizer(write_reduced_vocabulary(out_dir), model_max_length)
+
+
+def build_full_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A transformers CLIPTokenizer over the full CLIP vocabulary, saved in `out_dir`. SD-1.x pads
+    with the end-of-text token; SD-2.x and SDXL's second tokenizer pad with "!" (id 0)."""
+    return _saved_tokenizer(write_full_vocabulary(out_dir), model_max_length, pad_token)
+
+
+def _saved_tokenizer(out: Path, model_max_length: int, pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
-    out = write_reduced_vocabulary(out_dir)
     vocab = json.loads((out / "vocab.json").read_text())
     merges = [tuple(line.split()) for line in (out / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line]
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
     tok.save_pretrained(out)
     return tok
