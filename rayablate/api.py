@@ -8,6 +8,7 @@
     after = rayablate.load_pipeline(path)
     delta.apply(after)                                  # or rayablate.apply_delta(after, "striped.safetensors")
     report = rayablate.evaluate(pipe, after, concept)   # the job's metrics, group by group
+    delta.export("lora", "striped-lora", pipe)          # diffusers LoRA; also "kohya", "pipeline"
 
 The same data, objective and step as the Ray job (`rayablate.method`), on the pipeline's device
 with plain torch optimizers: the anchor images are generated in this process, the CLIP mask is
@@ -46,6 +47,16 @@ class Delta:
 
         apply_delta(pipe, self, scale=scale)
         return pipe
+
+    def export(self, kind: str, path: str | os.PathLike, base_pipe, rank: int | None = None) -> dict:
+        """Write the delta for other tools: `lora` (a diffusers LoRA folder, `pipe.load_lora_weights`),
+        `kohya` (one safetensors file for ComfyUI / A1111) or `pipeline` (a diffusers folder with the
+        delta applied). `base_pipe`: the pipeline the delta was made from (its weights are the LoRA's
+        base). `rank`: the LoRA rank (default: the lora group's own, exact; else 16, a truncated SVD).
+        Returns {"kind", "path", "rank", "relative_error", "not_exported"} (see rayablate.export)."""
+        from .export import export
+
+        return export(kind, self, base_pipe, path, rank)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Delta":

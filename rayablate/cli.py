@@ -54,6 +54,49 @@ def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = N
     ap.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers and actors")
 
 
+def _export_kinds(text: str) -> list[str]:
+    """--export: comma-separated kinds of rayablate.export.EXPORT_KINDS."""
+    from .export import ExportError, parse_kinds
+
+    try:
+        return parse_kinds(text)
+    except ExportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def add_export_flags(ap: argparse.ArgumentParser) -> None:
+    from .export import DEFAULT_RANK, EXPORT_KINDS
+
+    ap.add_argument("--export", type=_export_kinds, default=[], metavar="KINDS",
+                    help=f"also write exports under <output-dir>/exports/: {', '.join(EXPORT_KINDS)} "
+                         "(comma-separated): lora = a diffusers LoRA folder (pipe.load_lora_weights), kohya = the same LoRA for "
+                         "ComfyUI / A1111, pipeline = a full diffusers folder with the delta applied")
+    ap.add_argument("--export-rank", type=_positive_int, default=None, metavar="N",
+                    help="LoRA rank of the lora/kohya exports (default: the lora group's own rank, exact; "
+                         f"{DEFAULT_RANK} for xattn-kv / xattn, a truncated SVD whose error the report states)")
+
+
+def check_export_flags(kinds: list[str], group: str) -> None:
+    """A LoRA export of a group LoRA cannot hold is bad input, refused before anything runs."""
+    from .config import ConfigError
+    from .export import ExportError, check_exportable
+
+    try:
+        check_exportable(kinds, group)
+    except ExportError as e:
+        raise ConfigError("--export", str(e)) from e
+
+
 def config_from_args(args):
     from .config import load_config
 
@@ -89,6 +132,7 @@ def _train(argv) -> int:
     ap.add_argument("--worker-resources", type=_resources, default=None, metavar="JSON",
                     help="custom Ray resources each training worker needs, e.g. '{\"gpu_a10g\": 1}' to train "
                          "only on nodes that offer it (see cluster/README.md)")
+    add_export_flags(ap)
     args = ap.parse_args(argv)
 
     def run():
@@ -96,10 +140,12 @@ def _train(argv) -> int:
         from .config import concept_name
 
         cfg = config_from_args(args)
+        check_export_flags(args.export, cfg.param_group)
         out = args.output_dir or os.path.join("outputs", concept_name(cfg.concept))
         ablate(cfg, out, user_data=args.user_data, num_actors=args.num_actors, resume=not args.no_resume,
-               worker_resources=args.worker_resources)
-        print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors")
+               worker_resources=args.worker_resources, exports=args.export, export_rank=args.export_rank)
+        print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors"
+              + (", exports/" if args.export else ""))
 
     return guarded(run)
 
@@ -112,23 +158,26 @@ def _evaluate(argv) -> int:
     ap.add_argument("--delta", required=True, help="matcher_delta.safetensors from a training run")
     ap.add_argument("--eval-seed", type=int, default=None, help="seed of the evaluation prompts and noise")
     ap.add_argument("--num-actors", type=int, default=1)
+    add_export_flags(ap)
     args = ap.parse_args(argv)
 
     def run():
-        from .job import check_model, check_output_dir, init_ray, resolve_models
+        from .job import add_exports, check_model, check_output_dir, init_ray, resolve_models
         from .evaluation import evaluate
-        from .pipeline import check_delta_fits
+        from .pipeline import check_delta_fits, read_delta
 
         cfg = config_from_args(args)
         models = resolve_models(cfg)
         check_model(models.model_path)
         # refuses pickles, foreign files and deltas of another architecture before anything runs
         check_delta_fits(args.delta, models.model_path)
+        check_export_flags(args.export, read_delta(args.delta)[1].get("group", ""))
         out = Path(args.output_dir or "outputs/evaluate")
         check_output_dir(out)
         init_ray()
-        evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world, num_actors=args.num_actors,
-                 seed=args.eval_seed)
+        metrics = evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world,
+                           num_actors=args.num_actors, seed=args.eval_seed)
+        add_exports(metrics, out, args.export, args.delta, models.model_path, args.export_rank)
         print(f"results in {out}")
 
     return guarded(run)

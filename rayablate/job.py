@@ -216,8 +216,6 @@ def init_ray(num_cpus: int | None = None):
     return ray
 
 
-
-
 def _say(msg: str) -> None:
     print(f"[rayablate] {msg}", flush=True)
 
@@ -296,17 +294,21 @@ def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict,
 
 
 def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = None, num_actors: int = 1,
-           resume: bool = True, run_name: str | None = None, worker_resources: dict | None = None) -> dict:
+           resume: bool = True, run_name: str | None = None, worker_resources: dict | None = None,
+           exports: list[str] | None = None, export_rank: int | None = None) -> dict:
     """Ablate one concept; write the delta, metrics.json, report.md, grid.png and loss_curve.png.
 
     `output_dir` may be an s3:// or gs:// URI: the run writes to a local staging folder and uploads it
     at the end; Ray Train checkpoints then default to `<output_dir>/ray`, so a rerun resumes from there.
+    `exports` (rayablate.export.EXPORT_KINDS) are written under `<output_dir>/exports/` after training,
+    at `export_rank` (default: the lora group's `lora_rank`, else export.DEFAULT_RANK).
     """
     from .config import concept_name
     from .storage import is_remote
 
     if is_remote(output_dir):
-        return _ablate_remote(cfg, output_dir, user_data, num_actors, resume, run_name, worker_resources)
+        return _ablate_remote(cfg, output_dir, user_data, num_actors, resume, run_name, worker_resources,
+                              exports, export_rank)
     t0 = time.time()
     out = Path(output_dir).expanduser().resolve()
     models = resolve_models(cfg)
@@ -320,13 +322,45 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     save_config(cfg, out / "config.yaml")
     init_ray()
     _say(f"ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}")
-    metrics = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
-                          run_name=run_name, worker_resources=worker_resources, started=t0)["metrics"]
+    result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
+                         run_name=run_name, worker_resources=worker_resources, started=t0)
+    metrics = result["metrics"]
+    if exports:
+        rank = export_rank or (cfg.lora_rank if cfg.param_group == "lora" else None)
+        add_exports(metrics, out, exports, result["train"]["delta_path"], models.model_path, rank)
     print(console_summary(metrics), flush=True)
     return metrics
 
 
-def _ablate_remote(cfg: AblationConfig, uri: str, user_data, num_actors, resume, run_name, worker_resources) -> dict:
+def add_exports(metrics: dict, out: Path, kinds: list[str], delta_path: str, model_path: str,
+                rank: int | None = None) -> dict:
+    """Write the exports under out/exports/ (rayablate.export.write_exports), list them in metrics.json
+    ("exports": kind, path, rank, relative_error) and in report.md. Returns `metrics`."""
+    from .export import write_exports
+    from .files import write_json, write_text
+    from .report import markdown_table
+
+    if not kinds:
+        return metrics
+    _say(f"exports: {', '.join(kinds)}")
+    metrics["exports"] = write_exports(kinds, delta_path, model_path, out, rank, log=lambda m: _say("    " + m))
+    write_json(out / "metrics.json", metrics)
+    rows = [[e["kind"], f"`{e['path']}`", e["rank"] or "full",
+             "exact" if e["kind"] == "pipeline" else f"{e['relative_error']:.2e}",
+             f"{len(e['not_exported'])} tensor(s), e.g. `{e['not_exported'][0]}`" if e["not_exported"] else "–"]
+            for e in metrics["exports"]]
+    headers = ["kind", "path", "rank", "relative error", "not exported"]
+    section = ["", "## Exports", "", markdown_table(headers, rows),
+               "", "Relative error: ||ΔW − B·A||_F / ||ΔW||_F over every changed tensor, ΔW = delta − base "
+               "(a truncated SVD of the delta; from the lora group it is float error only). lora: "
+               "`pipe.load_lora_weights(path)`; kohya: ComfyUI / A1111 `loras` folder; pipeline: `from_pretrained`.", ""]
+    report = out / "report.md"
+    write_text(report, (report.read_text(encoding="utf-8") if report.exists() else "") + "\n".join(section))
+    return metrics
+
+
+def _ablate_remote(cfg: AblationConfig, uri: str, user_data, num_actors, resume, run_name, worker_resources,
+                   exports=None, export_rank=None) -> dict:
     """`ablate` into a local staging folder, uploaded to `uri` at the end."""
     import shutil
     import tempfile
@@ -339,7 +373,8 @@ def _ablate_remote(cfg: AblationConfig, uri: str, user_data, num_actors, resume,
         cfg = dataclasses.replace(cfg, storage_path=f"{uri}/ray")
     staging = Path(tempfile.mkdtemp(prefix="rayablate-out-"))
     try:
-        metrics = ablate(cfg, staging, user_data, num_actors, resume, run_name, worker_resources)
+        metrics = ablate(cfg, staging, user_data, num_actors, resume, run_name, worker_resources, exports,
+                         export_rank)
         files = upload_dir(staging, uri)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -382,7 +382,10 @@ class Ablation:
 
     def delta_metadata(self, step: int) -> dict[str, str]:
         c = self.cfg.concept
-        return {"step": str(step), "target": c.target, "anchor": c.anchor, "param_group": self.cfg.param_group}
+        meta = {"step": str(step), "target": c.target, "anchor": c.anchor, "param_group": self.cfg.param_group}
+        if self.cfg.param_group == "lora":  # the rank of the factors, for an exact LoRA export
+            meta["lora_rank"] = str(self.cfg.lora_rank)
+        return meta
 
     def write_delta(self, path: str | os.PathLike, step: int) -> None:
         """Write the delta file from the shadow (call `sync_shadow` first)."""
