@@ -42,20 +42,46 @@ GROUP_HEADERS = ["group", "concept", "concept rate before", "after", "CLIP acc b
                  "CLIP score before", "after", "KID"]
 GROUP_KEYS = ["concept_rate_before", "concept_rate_after", "clip_accuracy_before", "clip_accuracy_after",
               "clip_score_before", "clip_score_after", "kid"]
+# without a judge (a real model: worlds.PromptWorld) there is no concept rate: CLIP's columns only
+CLIP_HEADERS = ["group", "concept", "CLIP acc before", "after", "CLIP score before", "after", "KID"]
+CLIP_KEYS = GROUP_KEYS[2:]
+CLIP_NOTES = [
+    "CLIP accuracy: share of images CLIP ranks closer to the target's name than to the anchor's name (each a "
+    "prompt ensemble); ablation drives it down on the target and paraphrase groups.",
+    "CLIP score: mean over images of 100 × max(0, cosine(image, its own prompt)); it should hold on the anchor "
+    "and neighbour groups.",
+    "KID: kernel inception distance between before- and after-images on CLIP image features, for the anchor and "
+    "neighbour groups (whose images should not change); about 0 means unchanged.",
+]
+
+
+def group_metrics_of(metrics: dict) -> dict[str, dict]:
+    """The per-group entries of a metrics dict (metrics.json also holds config, timings, ...)."""
+    return {k: m for k, m in metrics.items() if isinstance(m, dict) and "clip_accuracy_before" in m}
+
+
+def has_judge(metrics: dict) -> bool:
+    """Whether a judge measured these groups: only then is there a concept rate to show."""
+    return any("concept_rate_before" in m for m in group_metrics_of(metrics).values())
 
 
 def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) -> str:
     """report.md of one concept. `judge_note` says what the judge's concept rate means (the world's)."""
     cfg = metrics["config"]
-    rows = [[g.name, metrics[g.name]["concept"], *(metrics[g.name].get(k) for k in GROUP_KEYS)] for g in groups]
-    has_rate = any("concept_rate_before" in metrics[g.name] for g in groups)
-    rate = f"Concept rate: {judge_note}. " if judge_note else "Concept rate: by the world's judge. " if has_rate else ""
     lines = [f"# Ablation report: {cfg['concept']['target']!r} -> {cfg['concept']['anchor']!r}", "",
              f"model: `{cfg['model'] or 'bundled toy'}`, parameter group `{cfg['param_group']}`, "
-             f"{cfg['steps']} steps, eval seed {cfg['eval_seed']}", "",
-             markdown_table(GROUP_HEADERS, rows),
-             "", rate + "CLIP accuracy: share of images CLIP ranks closer to the target than to the anchor.",
-             "", "![before/after](grid.png)", ""]
+             f"{cfg['steps']} steps, eval seed {cfg['eval_seed']}", ""]
+    if has_judge(metrics):
+        rows = [[g.name, metrics[g.name]["concept"], *(metrics[g.name].get(k) for k in GROUP_KEYS)] for g in groups]
+        rate = f"Concept rate: {judge_note}. " if judge_note else "Concept rate: by the world's judge. "
+        lines += [markdown_table(GROUP_HEADERS, rows), "",
+                  rate + "CLIP accuracy: share of images CLIP ranks closer to the target than to the anchor."]
+    else:
+        rows = [[g.name, metrics[g.name]["concept"], *(metrics[g.name].get(k) for k in CLIP_KEYS)] for g in groups]
+        lines += [markdown_table(CLIP_HEADERS, rows), "",
+                  "No judge for this model (no attribute probe), so the concept is measured by CLIP:", "",
+                  *(f"- {n}" for n in CLIP_NOTES)]
+    lines += ["", "![before/after](grid.png)", ""]
     if "restarts" in metrics:
         n = metrics["restarts"]
         lines.append(f"Worker restarts during training: {n}" + (
@@ -65,10 +91,17 @@ def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) 
 
 
 def console_summary(metrics: dict) -> str:
-    keys = ["concept_rate_before", "concept_rate_after", "clip_accuracy_before", "clip_accuracy_after", "kid"]
-    rows = [[k, *(m.get(x) for x in keys)] for k, m in metrics.items()
-            if isinstance(m, dict) and "concept_rate_before" in m]
-    table = text_table(["group", "rate before", "after", "clip acc", "after", "KID"], rows, [24, 11, 7, 9, 7, 7])
+    """The job's final console table: the judge's concept rate where there is one, else CLIP's metrics
+    with one line on each."""
+    groups = group_metrics_of(metrics)
+    if has_judge(metrics):
+        keys = ["concept_rate_before", "concept_rate_after", "clip_accuracy_before", "clip_accuracy_after", "kid"]
+        rows = [[k, *(m.get(x) for x in keys)] for k, m in groups.items() if "concept_rate_before" in m]
+        table = text_table(["group", "rate before", "after", "clip acc", "after", "KID"], rows, [24, 11, 7, 9, 7, 7])
+    else:
+        rows = [[k, *(m.get(x) for x in CLIP_KEYS)] for k, m in groups.items()]
+        table = "\n".join([text_table(["group", "clip acc", "after", "clip score", "after", "KID"], rows,
+                                       [24, 9, 7, 11, 7, 7]), *CLIP_NOTES])
     return table + f"\nwall time: {metrics.get('wall_seconds', 0):.0f}s"
 
 

@@ -15,13 +15,19 @@ def _rate_key(m: dict) -> str:
 
 
 def summarize_metrics(m: dict, key: str) -> dict:
-    """Row of one concept under one variant: target before/after, anchor and neighbours kept, leakage."""
-    def get(group, when):
-        v = m.get(group, {}).get(f"{key}_{when}")
+    """Row of one concept under one variant: target before/after, anchor and neighbours kept, leakage.
+
+    With a judge (key "concept_rate") a group is kept by its concept rate; without one, CLIP
+    accuracy measures only the target's removal, so a group is kept by its CLIP score (as the Tune
+    objective does): a neighbour CLIP never ranked as the target would otherwise count as lost."""
+    keep_key = key if key == "concept_rate" else "clip_score"
+
+    def get(group, when, k=key):
+        v = m.get(group, {}).get(f"{k}_{when}")
         return None if v is None else float(v)
 
     def kept(group):
-        b, a = get(group, "before"), get(group, "after")
+        b, a = get(group, "before", keep_key), get(group, "after", keep_key)
         return None if b is None or a is None or b <= 0 else a / b
 
     nbs = {g.split(".", 1)[1]: {"before": get(g, "before"), "after": get(g, "after"), "kept": kept(g)}
