@@ -113,23 +113,21 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
     """The job's training rows, made in this process: anchor images from `pipe` (the same prompts,
     seeds and batches of 16 as the Ray Data sampler), CLIP masks at the config's threshold."""
     from .data import ClipMasker, prompt_rows
-    from .images import encode_png
     from .method import columns_of
-    from .sampling import sample_images
+    from .sampling import Sampler
 
     rows = prompt_rows(cfg, world)
-    device = str(pipe.device)
+    sampler = Sampler.of_pipes({"image": pipe}, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale,
+                               str(pipe.device))
     bar = _progress(len(rows), "anchor images", progress)
+    parts = []
     for i in range(0, len(rows), 16):
-        part = rows[i:i + 16]
-        imgs = sample_images(pipe, [r["anchor_caption"] for r in part], [r["seed"] for r in part],
-                             cfg.anchor_steps, cfg.guidance_scale, device)
-        for r, im in zip(part, imgs):
-            r["image"] = encode_png(im)
-        bar.update(len(part))
+        parts.append(sampler(columns_of(rows[i:i + 16])))
+        bar.update(len(parts[-1]["seed"]))
     bar.close()
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     texts = world.concept_texts(cfg.concept.target) + list(cfg.concept.synonyms)
-    return ClipMasker(clip, texts, cfg.clip_threshold)(columns_of(rows))
+    return ClipMasker(clip, texts, cfg.clip_threshold)(columns)
 
 
 def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,

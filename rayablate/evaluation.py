@@ -18,7 +18,7 @@ from . import report as R
 from . import sampling as S
 from .config import AblationConfig, to_dict
 from .files import write_json, write_text
-from .images import decode_png, save_grid
+from .images import save_grid
 from .prompts import EvalGroup
 
 
@@ -30,11 +30,8 @@ def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: 
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
     ds = S.sample_dataset(rows, model_path, deltas, steps=cfg.eval_steps, guidance=cfg.guidance_scale,
                           use_gpu=cfg.use_gpu, num_actors=num_actors, batch_size=32)
-    out: dict[str, dict[str, list]] = {g.name: {w: [None] * len(g.prompts) for w in deltas} for g in groups}
-    for r in ds.iter_rows():
-        for w in deltas:
-            out[r["group"]][w][r["idx"]] = decode_png(r[w])
-    return {k: {w: np.stack(v) for w, v in d.items() if v} for k, d in out.items()}
+    images = S.collect_images(ds, list(deltas), key=lambda r: r["group"])
+    return {g.name: images.get(g.name, {}) for g in groups}
 
 
 def sample_groups(pipe, groups: list[EvalGroup], seed: int, steps: int, guidance: float,

@@ -125,6 +125,18 @@ def check_prompt_lengths(spec, model_path: str) -> None:
                                      f"shorten it: {text[:80]!r}...")
 
 
+def prepare_output(cfg: AblationConfig, out: str | Path, models: Models, user_data: str | None = None,
+                   config_name: str = "config.yaml") -> tuple[Path, int]:
+    """Check the output folder and every input before anything is written, then create the folder and
+    save the config into it. Returns (the resolved folder, the model's resolution)."""
+    out = Path(out).expanduser().resolve()
+    check_output_dir(out)
+    resolution = check_inputs(cfg, models, user_data)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / config_name)
+    return out, resolution
+
+
 def _model_resolution(model_path: str) -> int:
     p = Path(model_path)
     try:
@@ -310,16 +322,12 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
         return _ablate_remote(cfg, output_dir, user_data, num_actors, resume, run_name, worker_resources,
                               exports, export_rank)
     t0 = time.time()
-    out = Path(output_dir).expanduser().resolve()
     models = resolve_models(cfg)
-    check_output_dir(out)
-    check_inputs(cfg, models, user_data)
-    out.mkdir(parents=True, exist_ok=True)
+    out, _ = prepare_output(cfg, output_dir, models, user_data)
     storage = cfg.storage_path or str(out / "ray")
     run_dir = Path(storage).expanduser() / (run_name or concept_name(cfg.concept)) if "://" not in storage else None
     remove_partial_outputs(out, run_dir)  # left by a run killed mid-write; the rerun resumes without them
     TOUCHED.append((out, run_dir))
-    save_config(cfg, out / "config.yaml")
     init_ray()
     _say(f"ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,

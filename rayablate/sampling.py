@@ -44,6 +44,16 @@ class Sampler:
                 apply_delta(self.pipes[column], delta)
         self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
 
+    @classmethod
+    def of_pipes(cls, pipes: dict, prompt_column: str = "prompt", steps: int | None = None,
+                 guidance: float | None = None, device: str = "cpu") -> "Sampler":
+        """The same sampler over pipelines already in this process (the in-process API): one output
+        column per key of `pipes`; nothing is loaded and the process's thread count is left alone."""
+        self = cls.__new__(cls)
+        self.pipes, self.device = dict(pipes), device
+        self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
+        return self
+
     def __call__(self, batch: dict) -> dict:
         from .images import encode_png
 
@@ -78,3 +88,15 @@ def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *
         model_path=model_path, deltas=deltas, prompt_column=prompt_column, steps=steps, guidance=guidance,
         use_gpu=use_gpu), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
         **actor_resources(use_gpu))
+
+
+def collect_images(ds, columns, key) -> dict:
+    """{key(row): {column: uint8 NxHxWx3}} of a sampled dataset, each stack in the rows' "idx" order."""
+    from .images import decode_png
+
+    out: dict = {}
+    for r in ds.iter_rows():
+        slot = out.setdefault(key(r), {})
+        for c in columns:
+            slot.setdefault(c, {})[int(r["idx"])] = decode_png(r[c])
+    return {k: {c: np.stack([v[i] for i in sorted(v)]) for c, v in d.items()} for k, d in out.items()}

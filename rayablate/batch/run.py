@@ -58,15 +58,11 @@ def _run_one(cfg: AblationConfig, out: Path, models, cpus_per_worker: float | No
     """The checks `job.ablate` makes, then `job.run_concept` with the batch's CPU share per worker."""
     import torch
 
-    from ..job import check_inputs, check_output_dir, run_concept
+    from ..job import prepare_output, run_concept
 
     torch.set_num_threads(1)
     t0 = time.time()
-    out = Path(out).expanduser().resolve()
-    check_output_dir(out)
-    check_inputs(cfg, models)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, _ = prepare_output(cfg, out, models)
     name = concept_name(cfg.concept)
     log = lambda msg: print(f"[batch:{name}] {msg}", flush=True)  # noqa: E731
     return run_concept(cfg, out, models, num_actors=num_actors, run_name=name, cpus_per_worker=cpus_per_worker,
@@ -82,7 +78,7 @@ def _concept_task_fn(cfg_dict: dict, out: str, models, cpus_per_worker, num_acto
         _run_one(config_from_dict(cfg_dict), outp, models, cpus_per_worker, num_actors, max_failures)
         st = {"status": "succeeded", "error": None, "wall_s": time.time() - t0}
     except BaseException as e:  # noqa: BLE001 - a concept's failure must not take the batch down
-        st = {"status": "failed", "error": f"{type(e).__name__}: {e}".strip()[:2000], "wall_s": time.time() - t0,
+        st = {"status": "failed", "error": _error(e).strip(), "wall_s": time.time() - t0,
               "traceback": traceback.format_exc()[-6000:]}
     _write_status(outp, st)
     return st
@@ -242,15 +238,12 @@ def _eval_rows(concepts: list[BatchConcept], groups: dict[str, list]) -> list[di
 def generate_images(rows: list[dict], model_path: str, delta_path: str | None, num_actors: int = 1,
                     use_gpu: bool = False) -> dict[tuple[str, str], np.ndarray]:
     """{(concept, group): uint8 NxHxWx3} through the Ray Data Sampler."""
-    from ..images import decode_png
-    from ..sampling import sample_dataset
+    from ..sampling import collect_images, sample_dataset
 
     ds = sample_dataset(rows, model_path, {"image": delta_path}, use_gpu=use_gpu, num_actors=num_actors,
                         batch_size=32)
-    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for r in ds.iter_rows():
-        out.setdefault((r["concept"], r["group"]), {})[int(r["idx"])] = decode_png(r["image"])
-    return {k: np.stack([v[i] for i in sorted(v)]) for k, v in out.items()}
+    images = collect_images(ds, ["image"], key=lambda r: (r["concept"], r["group"]))
+    return {k: d["image"] for k, d in images.items()}
 
 
 def _save_npz(path: Path, images: dict[tuple[str, str], np.ndarray]) -> None:

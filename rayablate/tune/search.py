@@ -159,16 +159,12 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
 def _prepare(cfg: AblationConfig, space: dict[str, Param], settings: TuneSettings, output_dir: str | Path,
              user_data: str | None):
     """Every check before anything is written, then the base config and the space into `output_dir`."""
-    from ..job import check_inputs, check_output_dir, resolve_models
+    from ..job import prepare_output, resolve_models
 
     settings.check(cfg)
     check_space(cfg, space)
-    out = Path(output_dir).expanduser().resolve()
     models = resolve_models(cfg)
-    check_output_dir(out)
-    resolution = check_inputs(cfg, models, user_data)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "base_config.yaml")
+    out, resolution = prepare_output(cfg, output_dir, models, user_data, config_name="base_config.yaml")
     write_text(out / "space.yaml", yaml.safe_dump({k: p.as_dict() for k, p in space.items()}, sort_keys=False))
     return out, models, resolution
 
