@@ -77,7 +77,7 @@ class Report(dict):
 
 def _config(concept: ConceptSpec, config: AblationConfig | None, overrides: dict) -> AblationConfig:
     """The concept and settings as one validated config: ConfigError names a bad field."""
-    data = to_dict(config or AblationConfig())
+    data = to_dict(config) if config is not None else {}  # unset fields: defaults (and robust mode's)
     data["concept"] = dataclasses.asdict(concept)
     data.update(overrides)
     return config_from_dict(data)

@@ -52,6 +52,29 @@ def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = N
         flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])
         ap.add_argument(*flags, dest=name, type=tp, default=None, help=help_)
     ap.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers and actors")
+    ap.add_argument("--robust", action="store_true", default=None,
+                    help="robust ablation: an inner attacker's soft tokens become ablation rows (config: robust: true)")
+
+
+def add_attack_flags(ap: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The attack's settings (rayablate.attack); `prefix` is prepended to the group title."""
+    g = ap.add_argument_group(f"{prefix}attack", "concept inversion (new token embeddings trained on images of the "
+                                                 "concept) and a greedy prompt search; each also runs on the base "
+                                                 "model as a sanity check")
+    g.add_argument("--attacks", default="inversion,prompt", help="comma-separated: inversion, prompt")
+    g.add_argument("--num-vectors", type=int, default=4, help="new token embeddings of the inversion")
+    g.add_argument("--attack-steps", type=int, default=600, help="inversion optimizer steps")
+    g.add_argument("--attack-batch-size", type=int, default=32, help="inversion batch size")
+    g.add_argument("--attack-lr", type=float, default=1e-2, help="inversion learning rate")
+    g.add_argument("--t-min", type=int, default=400, help="inversion timesteps from ...")
+    g.add_argument("--t-max", type=int, default=1000, help="... to (exclusive)")
+    g.add_argument("--init", default="anchor", help="init of the new tokens: anchor, target or random; a "
+                                                   "comma-separated list runs one inversion per init")
+    g.add_argument("--num-references", type=int, default=256, help="reference images (renders or base-model images)")
+    g.add_argument("--references", help="a folder of your images of the concept, at the pipeline's resolution")
+    g.add_argument("--prompt-length", type=int, default=2, help="tokens the prompt search inserts")
+    g.add_argument("--prompt-candidates", type=int, default=64, help="vocabulary tokens tried at each position")
+    g.add_argument("--attack-images", type=int, default=None, help="images per attack (default: eval_images)")
 
 
 def _export_kinds(text: str) -> list[str]:
@@ -103,6 +126,7 @@ def config_from_args(args):
     overrides = {field: getattr(args, name) for name, (field, _, _) in OVERRIDES.items()}
     overrides["model"] = args.model
     overrides["use_gpu"] = args.use_gpu
+    overrides["robust"] = getattr(args, "robust", None)
     return load_config(args.config, overrides)
 
 
@@ -133,6 +157,10 @@ def _train(argv) -> int:
                     help="custom Ray resources each training worker needs, e.g. '{\"gpu_a10g\": 1}' to train "
                          "only on nodes that offer it (see cluster/README.md)")
     add_export_flags(ap)
+    ap.add_argument("--attack", action="store_true",
+                    help="after training, attack the ablated model (see the attack flags) and add the results "
+                         "to metrics.json and report.md")
+    add_attack_flags(ap, "--attack: ")
     args = ap.parse_args(argv)
 
     def run():
@@ -141,11 +169,18 @@ def _train(argv) -> int:
 
         cfg = config_from_args(args)
         check_export_flags(args.export, cfg.param_group)
+        plan = None
+        if args.attack:
+            from .attack import plan_from_args
+
+            plan = plan_from_args(args, cfg)
         out = args.output_dir or os.path.join("outputs", concept_name(cfg.concept))
         ablate(cfg, out, user_data=args.user_data, num_actors=args.num_actors, resume=not args.no_resume,
                worker_resources=args.worker_resources, exports=args.export, export_rank=args.export_rank)
+        if plan is not None:
+            attack_run(cfg, plan, Path(out), os.path.join(out, "matcher_delta.safetensors"))
         print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors"
-              + (", exports/" if args.export else ""))
+              + (", exports/" if args.export else "") + (", attack_grid.png" if plan is not None else ""))
 
     return guarded(run)
 
@@ -179,6 +214,70 @@ def _evaluate(argv) -> int:
                            num_actors=args.num_actors, seed=args.eval_seed)
         add_exports(metrics, out, args.export, args.delta, models.model_path, args.export_rank)
         print(f"results in {out}")
+
+    return guarded(run)
+
+
+def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None = None) -> dict:
+    """Attack model (+ delta) for cfg's concept; write metrics.json's `attack`, report.md, attack_grid.png."""
+    import torch
+
+    from .attack import run_attacks, write_outputs
+    from .clip import ClipScorer
+    from .job import resolve_models
+    from .pipeline import apply_delta, load_pipeline
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    models = resolve_models(cfg)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    base = load_pipeline(base_model or models.model_path, device=device)
+    edited = base
+    if delta or base_model:
+        edited = load_pipeline(models.model_path, device=device)
+    if delta:
+        apply_delta(edited, delta)
+    scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
+    say = lambda m: print(f"[rayablate.attack] {m}", flush=True)  # noqa: E731
+    group, rows = run_attacks(edited, base, cfg.concept, models.world, plan, scorer, device, say)
+    write_outputs(out, group, rows)
+    worst = group["max_rate"]
+    say(f"strongest working attack: concept back in {'n/a' if worst is None else f'{worst:.0%}'} of images; "
+        f"failed on the base model: {', '.join(group['failed']) or 'none'}")
+    return group
+
+
+def _attack(argv) -> int:
+    ap = argparse.ArgumentParser(prog="rayablate attack", description=(
+        "Attack an ablated model and report how much of the concept comes back: concept inversion "
+        "(textual inversion of new tokens on images of the concept) and a greedy prompt search over the "
+        "vocabulary, each also against the base model (the sanity check). Writes metrics.json (attack), "
+        "report.md (robustness section) and attack_grid.png into --output-dir. Runs in this process (no Ray)."))
+    add_common_flags(ap)
+    ap.add_argument("--delta", help="matcher_delta.safetensors to attack (applied to --model); without it the "
+                                    "pipeline --model itself is attacked")
+    ap.add_argument("--base-model", help="the unedited model of the sanity check (default: --model)")
+    add_attack_flags(ap)
+    args = ap.parse_args(argv)
+
+    def run():
+        from .attack import folder_references, plan_from_args
+        from .job import _model_resolution, check_model, resolve_models
+        from .pipeline import check_delta_fits
+
+        cfg = config_from_args(args)
+        plan = plan_from_args(args, cfg)
+        models = resolve_models(cfg)
+        check_model(models.model_path)
+        if plan.references:  # refused before any model loads
+            size = _model_resolution(models.model_path)
+            folder_references(plan.references, (size, size))
+        if args.base_model:
+            check_model(args.base_model)
+        if args.delta:
+            check_delta_fits(args.delta, models.model_path)
+        out = Path(args.output_dir or "outputs/attack")
+        attack_run(cfg, plan, out, args.delta, args.base_model)
+        print(f"results in {out}: metrics.json (attack), report.md, attack_grid.png")
 
     return guarded(run)
 
@@ -244,7 +343,7 @@ def _pretrain_toy(argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "tune": _tune, "pretrain-toy": _pretrain_toy}
+COMMANDS = {"train": _train, "evaluate": _evaluate, "attack": _attack, "tune": _tune, "pretrain-toy": _pretrain_toy}
 
 
 def guarded(fn) -> int:
@@ -307,6 +406,7 @@ def main(argv=None) -> int:
         print("usage: rayablate {" + ",".join(COMMANDS) + "} [--help]\n\n"
               "  train         ablate one concept end to end (Ray Data -> Ray Train + DeepSpeed -> report)\n"
               "  evaluate      evaluate a matcher delta against its base model\n"
+              "  attack        attack an ablated model (concept inversion, prompt search) and report what comes back\n"
               "  tune          Ray Tune search of thresholds, margin, learning rates and loss weights\n"
               "  pretrain-toy  rebuild the bundled toy world")
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT

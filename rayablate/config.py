@@ -67,6 +67,19 @@ class AblationConfig:
     # cos(caption, concept prompt-ensemble) above which a row is an ablation row; 0.25 separates the
     # toy CLIP's target captions (>= 0.34) from the others (<= 0.20); real CLIPs sit higher (~0.7-0.8).
     clip_threshold: float = 0.25
+    # robust ablation (rayablate/robust.py): an inner attacker's soft tokens become ablation rows
+    robust: bool = False
+    robust_vectors: int = 4  # soft tokens of the inner attacker
+    robust_every: int = 1  # refresh the attack every this many steps
+    robust_inner_steps: int = 8  # inner Adam steps per refresh (warm-started from the last refresh)
+    robust_batch_size: int = 8  # rows per inner step (drawn from the step's ablation rows)
+    robust_lr: float = 1e-2
+    robust_t_min: int = 0  # inner timesteps in [robust_t_min, num_train_timesteps)
+    w_robust: float = 1.0  # weight of the adversarial match term
+    # "match": the attacked prediction must equal eps_0(anchor); "margin": be nearer it than eps_0(target) by robust_margin
+    robust_loss: str = "margin"
+    robust_margin: float = 0.01
+    robust_pres_scale: float = 3.0  # robust mode multiplies w_pres by this (adversarial rows push on shared features)
     # optimisation
     lr_matcher: float = 1e-3
     lr_disc: float = 2e-4
@@ -139,9 +152,19 @@ def _from_dict(cls, data: Any, path: str):
     return cls(**kwargs)
 
 
+# What `robust: true` changes when the config does not set it (see docs/design.md#attacks-and-robust-ablation):
+# the group whose to_q reads the image features, more (and heavier) preservation rows, a longer run.
+ROBUST_DEFAULTS = {"param_group": "xattn", "num_preservation_images": 64, "steps": 200, "w_pres": 10.0}
+
+
 def config_from_dict(data: dict) -> AblationConfig:
-    """Build and validate a config from a plain dict (YAML's shape)."""
-    cfg = _from_dict(AblationConfig, data or {}, "")
+    """Build and validate a config from a plain dict (YAML's shape). With `robust: true`, the fields
+    of ROBUST_DEFAULTS that `data` does not set take those values."""
+    data = dict(data or {})
+    if data.get("robust") is True:
+        for k, v in ROBUST_DEFAULTS.items():
+            data.setdefault(k, v)
+    cfg = _from_dict(AblationConfig, data, "")
     validate(cfg)
     return cfg
 
@@ -277,4 +300,25 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         raise ConfigError("num_preservation_images", f"must be >= 0, got {cfg.num_preservation_images}")
     if cfg.guidance_scale < 1.0:
         raise ConfigError("guidance_scale", f"must be >= 1, got {cfg.guidance_scale}")
+    _validate_robust(cfg)
     return cfg
+
+
+def _validate_robust(cfg: AblationConfig) -> None:
+    for name in ("robust_vectors", "robust_every", "robust_inner_steps", "robust_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if not (cfg.robust_lr > 0) or not math.isfinite(cfg.robust_lr):
+        raise ConfigError("robust_lr", f"must be a finite number > 0, got {cfg.robust_lr}")
+    if cfg.robust_loss not in ("match", "margin"):
+        raise ConfigError("robust_loss", f"unknown robust loss {cfg.robust_loss!r}; allowed: match, margin")
+    for name in ("w_robust", "robust_pres_scale", "robust_margin"):
+        v = getattr(cfg, name)
+        if not (v >= 0) or not math.isfinite(v):
+            raise ConfigError(name, f"must be a finite number >= 0, got {v}")
+    if not 0 <= cfg.robust_t_min < 1000:
+        raise ConfigError("robust_t_min", f"must lie in [0, 1000), got {cfg.robust_t_min}")
+    if cfg.robust and cfg.param_group == "embedding":
+        raise ConfigError("param_group", "robust: true trains a UNet group (xattn-kv, xattn, full or lora): an "
+                                         "attacker controls the text conditioning, so editing the text encoder "
+                                         "alone cannot hold (see docs/design.md#robust-ablation)")

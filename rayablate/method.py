@@ -213,6 +213,11 @@ class Ablation:
         # What the objective calls; the Ray side swaps in its DeepSpeed engines.
         self.student_fn: Callable = self.student
         self.disc_fn: Callable | None = self.disc
+        self.robust = None  # robust mode's inner attacker (rayablate.robust)
+        if cfg.robust:
+            from .robust import InnerAttacker
+
+            self.robust = InnerAttacker(self, self.prompts.tokenizers)
 
     def _shadow(self, encs: dict) -> SimpleNamespace:
         """fp32 CPU copies of the trained components: the delta is written from fp32 master weights
@@ -308,9 +313,15 @@ class Ablation:
         z_t, t, target = self._noised(batch["images"], step)
         abl = (mask > 0.5).nonzero().squeeze(1)  # ablation rows, for terms only they take part in
         has_abl = abl.numel() > 0
+        # Every rank must run the same matcher forwards (ZeRO-3 gathers parameters in each one, a
+        # collective): a batch without ablation rows runs the ablation-only forwards on its first
+        # row, weighted 0.
+        abl_fwd = abl if has_abl else torch.zeros(1, dtype=torch.long, device=self.device)
+        on = 1.0 if has_abl else 0.0
         student, teacher = self._predictors(batch, z_t, t)
+        robust = self.robust is not None and cfg.w_robust > 0
         need_t_anchor = ((cfg.w_match > 0 and cfg.match == "model") or cfg.w_pres > 0 or cfg.w_con > 0
-                         or cfg.w_adv > 0)
+                         or cfg.w_adv > 0 or robust)
         need_s_target = cfg.w_match > 0 or cfg.w_pres > 0 or cfg.w_con > 0 or cfg.w_adv > 0
         s_target = student("target") if need_s_target else None  # eps_theta(c*); eps_theta(c_i) on pres rows
         t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
@@ -319,8 +330,8 @@ class Ablation:
         if cfg.w_match > 0:
             terms["match"] = (L.match_model_based(s_target, t_anchor, mask) if cfg.match == "model"
                               else L.match_noise_based(s_target, target, mask))
-        if cfg.w_reg > 0 and has_abl:
-            terms["reg"] = L.anchor_regularizer(student("anchor", abl), target[abl])
+        if cfg.w_reg > 0:
+            terms["reg"] = on * L.anchor_regularizer(student("anchor", abl_fwd), target[abl_fwd])
         if cfg.w_pres > 0:
             terms["pres"] = L.preservation(s_target, t_anchor, mask)
         if cfg.w_con > 0 and has_abl:
@@ -329,7 +340,18 @@ class Ablation:
         if cfg.w_adv > 0:
             terms["adv"], d_loss = self._adversarial(z_t, t, s_target, t_anchor, mask)
         weights = {"match": cfg.w_match, "reg": cfg.w_reg, "pres": cfg.w_pres, "con": cfg.w_con, "adv": cfg.w_adv}
-        total = sum((weights[k] * terms[k] for k in TERMS if weights[k] > 0), zero)
+        if self.robust is not None:
+            weights["pres"] = cfg.w_pres * cfg.robust_pres_scale
+        if robust:
+            weights["robust"] = cfg.w_robust
+            h, add = self.robust.conditioning(batch, abl_fwd)
+            s_adv = self.student_fn(z_t[abl_fwd], t[abl_fwd], encoder_hidden_states=h, added_cond_kwargs=add).float()
+            if cfg.robust_loss == "match":
+                terms["robust"] = on * L.match_model_based(s_adv, t_anchor[abl_fwd])
+            else:  # "margin": only until the attacked prediction is nearer the anchor than the target
+                terms["robust"] = on * L.contrastive_margin(s_adv, t_anchor[abl_fwd], teacher("target", abl_fwd),
+                                                            cfg.robust_margin)
+        total = sum((weights[k] * terms[k] for k in terms if weights[k] > 0), zero)
         if not total.requires_grad:  # e.g. only w_reg > 0 and a batch without ablation rows
             total = total + 0.0 * sum(p.sum() for p in self.trainable_parameters())
         return {"total": total, "disc": d_loss, "terms": terms, "ablation_rows": float(mask.mean())}
@@ -415,6 +437,8 @@ class PlainOptimizers:
     """The matcher's AdamW and the discriminator's Adam (betas 0.5, 0.999), both clipped at
     GRADIENT_CLIPPING: on one device, what the DeepSpeed engines do at ZeRO-0 in fp32."""
 
+    full_param = None  # the live values are the full fp32 values
+
     def __init__(self, ablation: Ablation):
         cfg = ablation.cfg
         self.params = ablation.trainable_parameters()
@@ -441,7 +465,10 @@ class PlainOptimizers:
 def train_step(ablation: Ablation, optimizers, raw: dict, step: int, agree: Callable[[bool], bool] = _same) -> dict:
     """One optimizer step on a raw batch (numpy columns); returns its metrics. A non-finite loss on
     any rank (`agree` is the all-ranks check) raises FloatingPointError naming the step."""
-    out = ablation.loss_terms(ablation.batch_tensors(raw), step)
+    batch = ablation.batch_tensors(raw)
+    if ablation.robust is not None and (step - 1) % ablation.cfg.robust_every == 0:
+        ablation.robust.refresh(batch, step, getattr(optimizers, "full_param", None))
+    out = ablation.loss_terms(batch, step)
     vals = {"loss": out["total"].detach().float(), **{k: v.detach().float() for k, v in out["terms"].items()}}
     if out["disc"] is not None:
         vals["disc"] = out["disc"].detach().float()
@@ -453,6 +480,8 @@ def train_step(ablation: Ablation, optimizers, raw: dict, step: int, agree: Call
         raise FloatingPointError(f"non-finite loss at step {step}: {where}")
     grad_norm = optimizers.step(out)
     entry = {k: float(v) for k, v in vals.items()}
+    if ablation.robust is not None:
+        entry["inner_loss"] = ablation.robust.last_loss
     entry["ablation_rows"] = out["ablation_rows"]
     if grad_norm is not None:
         entry["grad_norm"] = float(grad_norm)

@@ -231,9 +231,22 @@ class _Worker:
         with ckpt.as_directory() as d:
             state = json.loads(Path(d, STATE_NAME).read_text())
             self.optim.load_state(d, state["tag"])
+            self._restore_attacker(d)
         self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
         self.history = state["history"]
         self.log(f"resumed from step {self.pos.step} (epoch {self.pos.epoch}, batch {self.pos.batch_in_epoch})")
+
+    def _restore_attacker(self, d: str) -> None:
+        """Robust mode: this rank's inner attacker as the checkpoint left it (resume stays exact)."""
+        from .robust import STATE_FILE
+
+        if self.ablation.robust is None:
+            return
+        path = Path(d, STATE_FILE.format(self.rank))
+        if not path.exists():
+            raise RuntimeError(f"checkpoint {d} has no inner-attacker state for rank {self.rank} ({path.name}): "
+                               "it was written by a run without robust: true; start a fresh run (--no-resume)")
+        self.ablation.robust.load_state(torch.load(path, map_location="cpu", weights_only=True))
 
     def epoch_batches(self):
         """epoch -> that epoch's batches: from the in-memory shard (one pass over the Ray Data
@@ -280,7 +293,8 @@ class _Worker:
         metrics = {"step": step, "epoch": self.pos.epoch, **mean_metrics(self.window)}
         metrics["s_per_step"] = (time.time() - self.t_last) / max(1, step - self.reported_step)
         self.history.append(metrics)
-        terms = " ".join(f"{k} {metrics.get(k, 0.0):.4g}" for k in TERMS + ("disc",))
+        shown = TERMS + (("robust", "inner_loss") if self.cfg.robust else ()) + ("disc",)
+        terms = " ".join(f"{k} {metrics.get(k, 0.0):.4g}" for k in shown)
         self.log(f"step {step}/{self.cfg.steps} loss {metrics.get('loss', float('nan')):.4g} ({terms}) "
                  f"{metrics['s_per_step']:.2f} s/step")
         if not with_checkpoint:
@@ -298,6 +312,10 @@ class _Worker:
         try:
             self.optim.save_state(tmp, tag)
             self.ablation.sync_shadow(self.optim.full_param)  # every rank: ZeRO gathers are collective
+            if self.ablation.robust is not None:  # each rank's own attacker state
+                from .robust import STATE_FILE
+
+                torch.save(self.ablation.robust.state(), os.path.join(tmp, STATE_FILE.format(self.rank)))
             if self.rank == 0:
                 self.ablation.write_delta(os.path.join(tmp, DELTA_NAME), step)
                 state = {"step": step, "epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch,

@@ -134,6 +134,15 @@ def pickle_delta(p: Path, tmp: Path):
 KV = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"  # 128x64 in the toy UNet
 
 # (id, command, inputs, message): the README's catalogue lists the same cases.
+def reference_folder(size: int):
+    """A folder with one reference image of the concept, `size` pixels square."""
+    def make(tmp: Path):
+        (tmp / "refs").mkdir()
+        (tmp / "refs" / "a.png").write_bytes(png(size))
+        return ["--references", str(tmp / "refs")]
+    return make
+
+
 CATALOGUE = [
     # configuration file
     ("yaml-malformed", "train", yaml_file("concept: [striped\n"), r"config: malformed YAML in .*c\.yaml"),
@@ -212,6 +221,16 @@ CATALOGUE = [
      r"row 0: image is not bytes"),
     ("folder-image-without-caption", "train", user_folder(None), r"a\.png has no caption file a\.txt"),
     ("folder-caption-not-utf8", "train", user_folder(b"a red \xff circle"), r"a\.txt is not UTF-8 text"),
+    # attack and robust mode
+    ("attack-num-vectors-zero", "attack", flags("--num-vectors", "0"), r"attack\.num_vectors: must be >= 1, not 0"),
+    ("attack-unknown-kind", "attack", flags("--attacks", "inversion,jailbreak"), r"--attacks: unknown attack"),
+    ("attack-references-empty", "attack", lambda tmp: (tmp / "refs").mkdir() or ["--references", str(tmp / "refs")],
+     r"--references: .*refs holds no images"),
+    ("attack-references-wrong-size", "attack", reference_folder(16),
+     r"--references: .*a\.png is 16x16; the pipeline draws 32x32"),
+    ("robust-text-encoder-group", "train", flags("--robust", "--param-group", "embedding"),
+     r"param_group: robust: true trains a UNet group"),
+    ("robust-vectors-zero", "train", yaml_file("robust: true\nrobust_vectors: 0\n"), r"robust_vectors: must be >= 1"),
     # output folder
     ("output-is-a-file", "train", None, r"output path exists and is not a folder"),
     ("output-under-a-file", "train", None, r"would lie under .*, which is a file"),

@@ -34,7 +34,8 @@ def test_space_from_yaml_and_flags(tmp_path):
     f = tmp_path / "space.yaml"
     f.write_text("space:\n  w_adv: {dist: choice, values: [0, 0.02]}\n  w_reg: 0.5\n")
     space = load_space(cfg, f, ["lr_matcher=loguniform:1e-4:1e-2", "margin=grid:0.01,0.05"])
-    assert set(space) == set(SEARCHABLE)
+    assert set(space) == set(SEARCHABLE) - {"w_robust", "robust_lr"}  # those only with robust: true
+    assert {"w_robust", "robust_lr"} <= set(load_space(AblationConfig(robust=True)))
     assert space["w_adv"].dist == "choice" and space["w_adv"].values == [0.0, 0.02]
     assert space["w_reg"].dist == "fixed" and space["w_reg"].values == [0.5]
     assert (space["lr_matcher"].low, space["lr_matcher"].high) == (1e-4, 1e-2)

@@ -42,6 +42,18 @@ class ProbeJudge:
     def concept_rate(self, images, concept: str, probs=None) -> float:
         return float(self.concept_mask(images, concept, probs).mean()) if len(images) else float("nan")
 
+    def fidelity(self, images, labels, probs=None) -> float:
+        """Share of images that are valid renders whose object, colour and pattern all read as `labels`
+        (a list of `world.Labels`, one per image): prompts drawn as asked."""
+        if not len(images):
+            return float("nan")
+        probs = probs or self.probabilities(images)
+        ok = probs["valid"][:, 1] > self.valid_threshold
+        for attr, values in _ATTR_VALUES.items():
+            want = torch.tensor([values.index(getattr(lab, attr)) for lab in labels])
+            ok &= probs[attr].argmax(-1) == want
+        return float(ok.float().mean())
+
     def valid_rate(self, images, probs=None) -> float:
         probs = probs or self.probabilities(images)
         return float((probs["valid"][:, 1] > self.valid_threshold).float().mean())

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..config import AblationConfig, ConfigError, config_from_dict, read_yaml_mapping, to_dict
 
-SEARCHABLE = ("clip_threshold", "margin", "lr_matcher", "lr_disc", "w_con", "w_adv", "w_reg", "w_pres")
+SEARCHABLE = ("clip_threshold", "margin", "lr_matcher", "lr_disc", "w_con", "w_adv", "w_reg", "w_pres",
+              "w_robust", "robust_lr")  # the last two only matter with robust: true
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "fixed")
 
 
@@ -49,7 +50,9 @@ def default_space(cfg: AblationConfig) -> dict[str, Param]:
     """Priors around the base config: log-uniform over a factor of 5 for learning rates, log-uniform
     for the loss weights, uniform +-0.1 around the CLIP threshold (a cosine similarity)."""
     t = cfg.clip_threshold
-    return {
+    robust = {"w_robust": Param("w_robust", "loguniform", 0.1, 3.0),
+              "robust_lr": Param("robust_lr", "loguniform", 3e-3, 3e-2)} if cfg.robust else {}
+    return {**robust,
         "clip_threshold": Param("clip_threshold", "uniform", max(-1.0, t - 0.1), min(1.0, t + 0.1)),
         "margin": Param("margin", "loguniform", 1e-3, 0.1),
         "lr_matcher": Param("lr_matcher", "loguniform", cfg.lr_matcher / 5, cfg.lr_matcher * 5),
@@ -69,7 +72,7 @@ def _num(name: str, key: str, v: Any) -> float:
 
 def _check_value(name: str, v: Any, where: str) -> None:
     v = _num(name, where, v)
-    if name in ("lr_matcher", "lr_disc") and v <= 0:
+    if name in ("lr_matcher", "lr_disc", "robust_lr") and v <= 0:
         raise ConfigError(f"space.{name}", f"a learning rate must be > 0, got {v}")
     if name == "clip_threshold" and not -1.0 <= v <= 1.0:
         raise ConfigError(f"space.{name}", f"a cosine-similarity threshold must lie in [-1, 1], got {v}")

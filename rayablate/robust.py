@@ -1,0 +1,134 @@
+"""Robust ablation: an inner attacker inside training, and the rows it adds (docs/design.md#robust-ablation).
+
+Ablation alone erases the *word*: new token embeddings found by textual inversion bring the
+concept back (`rayablate.attack`). Robust mode trains the matcher as a min-max problem:
+
+- **inner (attacker)**, every `robust_every` steps, `robust_inner_steps` Adam steps on soft token
+  embeddings v placed where the concept's word is in the step's ablation captions (c*(v)):
+
+      v* = argmin_v  E || eps_snap(z_t, c*(v), t) - eps_0(z_t, c*, t) ||^2,   t in [robust_t_min, 1000)
+
+  eps_snap is a frozen snapshot of the *current* matcher (copied from the fp32 master weights, so
+  it is exact under ZeRO-3 and bf16), eps_0 the frozen original model: the attacker looks for the
+  conditioning under which the edited model denoises as the original did for the concept. It needs
+  no reference images, only each worker's own rows. v is warm-started from the previous refresh,
+  so over a run it is trained for far longer than an evaluation attack.
+- **outer (defender)**: the usual objective plus, on the ablation rows,
+
+      w_robust * || eps_theta(z_t, c*(v*), t) - sg(eps_0(z_t, c, t)) ||^2
+
+  so under the adversarial conditioning the model draws the anchor. Preservation, the anchor
+  regularizer and the CLIP-masked rows keep everything else where it was.
+
+The attacker's state (its vectors) is part of every checkpoint, one file per rank, so resume is exact.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+
+import torch
+
+from .soft_tokens import SoftTokens
+
+STATE_FILE = "robust_rank{}.pt"
+
+
+def adversarial_caption(target: str, anchor: str, text: str) -> str:
+    """The target caption with the words it does not share with its anchor caption (the concept's
+    words) replaced by `text`; `text` prefixed when they share every word."""
+    if anchor.startswith(target) and anchor != target:  # the anchor was appended ("a painting, plain")
+        return f"{target} {text}"
+    tw, aw = target.split(), anchor.split()
+    ops = [op for op in difflib.SequenceMatcher(a=tw, b=aw, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if not ops:
+        return f"{text} {target}"
+    _, i1, i2, _, _ = ops[0]  # i1 == i2: the anchor only added words there ("..., plain")
+    return " ".join(tw[:i1] + [text] + tw[i2:])
+
+
+class InnerAttacker:
+    """The inner loop of robust ablation on one worker (see the module docstring)."""
+
+    def __init__(self, ablation, tokenizers):
+        cfg = ablation.cfg
+        self.ablation, self.cfg = ablation, cfg
+        teacher = ablation.teacher
+        # The snapshot: the teacher's architecture, refreshed with the matcher's current values.
+        self.snapshot_unet = copy.deepcopy(teacher.unet).requires_grad_(False)
+        self.encoders = list(teacher.text_encoders.values())  # frozen: robust mode trains UNet groups only
+        self.soft = SoftTokens(tokenizers, self.encoders, cfg.robust_vectors, [cfg.concept.anchor],
+                               seed=cfg.seed + 7919 * (ablation.rank + 1), device=ablation.device)
+        self._snap_params = dict(self.snapshot_unet.named_parameters())
+        self.last_loss = float("nan")
+
+    # --- the snapshot ---
+    def refresh_snapshot(self, full_param=None) -> None:
+        """Copy the matcher's current values (fp32 masters; a collective under ZeRO-3) into the snapshot."""
+        from .pipeline import matcher_state
+
+        ab = self.ablation
+        ab.sync_shadow(full_param)
+        with torch.no_grad():
+            for name, value in matcher_state(ab.shadow, self.cfg.param_group).items():
+                p = self._snap_params[name.split(".", 1)[1]]
+                p.copy_(value.to(p.device, p.dtype))
+
+    def _cond(self, captions, grad: bool):
+        ids = self.soft.tokenize(captions, self.ablation.device)
+        with torch.set_grad_enabled(grad), self.soft.installed(self.encoders):
+            return self.ablation.prompts.encode(self.encoders, ids)
+
+    def captions(self, batch: dict, idx) -> list[str]:
+        text = self.soft.text
+        return [adversarial_caption(batch["target"][i], batch["anchor"][i], text) for i in idx.tolist()]
+
+    # --- the inner loop ---
+    def refresh(self, batch: dict, step: int, full_param=None) -> None:
+        """Snapshot the matcher, then `robust_inner_steps` Adam steps on the soft tokens against it,
+        on this step's ablation rows, seeded by (seed, rank, step)."""
+        from .method import step_seed
+
+        ab, cfg = self.ablation, self.cfg
+        self.refresh_snapshot(full_param)  # on every rank, rows or not: it can be a collective
+        abl = (batch["mask"] > 0.5).nonzero().squeeze(1)
+        if abl.numel() == 0:
+            return
+        dev = ab.device
+        gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed + 3, ab.rank, step))
+        z0 = ab.encode_images(batch["images"], gen)
+        opt = torch.optim.Adam(self.soft.parameters(), lr=cfg.robust_lr)
+        dtype = self.snapshot_unet.dtype
+        for _ in range(cfg.robust_inner_steps):
+            pick = abl[torch.randint(0, len(abl), (cfg.robust_batch_size,), generator=gen, device=dev)]
+            t = torch.randint(cfg.robust_t_min, ab.num_train_timesteps, (len(pick),), generator=gen, device=dev)
+            noise = torch.randn(z0[pick].shape, generator=gen, device=dev, dtype=z0.dtype)
+            z_t = ab.scheduler.add_noise(z0[pick], noise, t)
+            goal = self._teacher(z_t, t, [batch["target"][i] for i in pick.tolist()])
+            h, add = self._cond(self.captions(batch, pick), grad=True)
+            if add is not None:
+                add = {k: v.to(dtype) for k, v in add.items()}
+            pred = self.snapshot_unet(z_t.to(dtype), t, encoder_hidden_states=h.to(dtype), added_cond_kwargs=add,
+                                      return_dict=False)[0]
+            loss = (pred.float() - goal).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.last_loss = float(loss.detach())
+
+    @torch.no_grad()
+    def _teacher(self, z_t, t, captions):
+        ab = self.ablation
+        h, add = ab.prompts.encode(self.encoders, ab.prompts.tokenize(captions, ab.device))
+        return ab.teacher(z_t, t, encoder_hidden_states=h, added_cond_kwargs=add).float()
+
+    def conditioning(self, batch: dict, idx):
+        """The UNet conditioning of c*(v*) for rows `idx` (no gradient reaches v)."""
+        return self._cond(self.captions(batch, idx), grad=False)
+
+    # --- checkpoint state ---
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.soft.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.soft.load_state(state)

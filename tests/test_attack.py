@@ -1,0 +1,121 @@
+"""The concept-inversion attack, the prompt search, and robust ablation against them.
+
+In process, on the bundled toy pipeline (the attack needs a model that knows the concept), with
+small budgets. No Ray.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rayablate import attack as A
+from rayablate.config import ConceptSpec, ConfigError
+from rayablate.pipeline import load_pipeline
+from rayablate.toyworld import bundle_paths
+from rayablate.toyworld.vocab import ToyWorld
+
+ROOT = Path(__file__).resolve().parents[1]
+ZORB = ConceptSpec(target="zorb", anchor="circle", kind="instance", neighbours=["kubo", "square"])
+SMALL = A.InversionSettings(num_vectors=4, steps=80, batch_size=32, lr=1e-2, t_min=400, t_max=1000,
+                            num_references=128)
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_pipeline(bundle_paths()["sd"])
+
+
+def _attacked_rate(pipe, spec, settings, n=16) -> float:
+    world = ToyWorld()
+    refs = A.toy_references(spec, world, settings.num_references, 0)
+    soft, losses = A.invert(pipe, refs, settings, A.init_words(spec, world, settings.init))
+    prompts = next(g for g in world.eval_groups(spec, n, 1000) if g.name == "target").prompts
+    plan = A.AttackPlan(num_images=n)
+    imgs = A._sample(pipe, A.with_tokens(prompts, world.concept_words(spec), soft.text), plan, "cpu", soft)
+    return A.AttackJudge(spec, world).rate(imgs)
+
+
+def test_soft_tokens_change_only_prompts_that_use_them_and_leave_the_pipeline_as_it_was(toy_pipe):
+    from rayablate.sampling import sample_images
+    from rayablate.soft_tokens import SoftTokens
+
+    before = {n: p.detach().clone() for n, p in toy_pipe.text_encoder.named_parameters()}
+    soft = SoftTokens.for_pipeline(toy_pipe, 2, seed=0)
+    with torch.no_grad():
+        for v in soft.vectors:
+            v.mul_(5.0)
+    plain = sample_images(toy_pipe, ["a red plain circle"], [3], 5, 4.0)
+    with soft.in_pipeline(toy_pipe):
+        same = sample_images(toy_pipe, ["a red plain circle"], [3], 5, 4.0)
+        other = sample_images(toy_pipe, [f"a red plain {soft.text}"], [3], 5, 4.0)
+    np.testing.assert_array_equal(plain, same)  # a prompt without the new tokens is untouched
+    assert np.abs(other.astype(int) - plain.astype(int)).mean() > 1.0
+    assert toy_pipe.tokenizer.convert_tokens_to_ids(soft.tokens[0]) != soft.firsts[0]  # the pipe's tokenizer is untouched
+    for n, p in toy_pipe.text_encoder.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert type(toy_pipe.text_encoder.get_input_embeddings()).__name__ == "Embedding"
+
+
+def test_inversion_brings_the_concept_back_on_the_base_model(toy_pipe):
+    """80 steps of a 4-vector inversion: the base model draws zorbs from prompts that never name
+    them; a broken attack (tokens not installed, no gradient to the vectors) draws random objects."""
+    assert _attacked_rate(toy_pipe, ZORB, SMALL) >= 0.8
+
+
+def test_adversarial_caption_puts_the_tokens_where_the_concept_was():
+    from rayablate.robust import adversarial_caption
+
+    assert adversarial_caption("a striped red circle", "a plain red circle", "<v>") == "a <v> red circle"
+    assert adversarial_caption("a red circle with stripes", "a red circle plain", "<v>") == "a red circle <v>"
+    assert adversarial_caption("a painting", "a painting, plain", "<v>") == "a painting <v>"
+    assert adversarial_caption("same", "same", "<v>") == "<v> same"
+
+
+def test_attack_settings_are_checked_with_the_field_named():
+    with pytest.raises(ConfigError, match=r"attack\.num_vectors: must be >= 1"):
+        A.InversionSettings(num_vectors=0).check()
+    with pytest.raises(ConfigError, match=r"attack\.t_min: need 0 <= t_min < t_max"):
+        A.InversionSettings(t_min=900, t_max=400).check()
+    with pytest.raises(ConfigError, match=r"attack\.init: must be one of anchor, target, random"):
+        A.InversionSettings(init="word").check()
+
+
+@pytest.mark.slow
+def test_robust_training_lowers_the_attacked_rate_below_the_default_on_the_same_seed(toy_pipe):
+    """The same 40 steps, seed and data sizes, with and without robust mode (its own defaults: xattn,
+    heavier preservation), then the same attack: the robust delta gives less of the concept back."""
+    import rayablate
+
+    rates = {}
+    for robust in (False, True):
+        delta = rayablate.ablate(toy_pipe, ZORB, steps=40, progress=False, robust=robust, w_pres=10.0,
+                                 num_anchor_images=32, num_preservation_images=32)
+        edited = delta.apply(load_pipeline(bundle_paths()["sd"]))
+        rates[robust] = _attacked_rate(edited, ZORB, A.InversionSettings(steps=120, num_references=128))
+    assert rates[True] < rates[False] - 0.2, rates
+
+
+@pytest.mark.slow
+def test_attack_job_writes_the_attack_group_report_section_and_grid(tmp_path, capsys):
+    """`rayablate attack` on the base model itself (no delta): every attack succeeds there, so the
+    sanity column says ok, and the outputs a person reads are written."""
+    from rayablate.cli import main
+
+    out = tmp_path / "attack"
+    rc = main(["attack", "--config", str(ROOT / "configs" / "instance_zorb.yaml"), "--attack-steps", "60", "--num-references", "64",
+               "--attack-images", "8", "--prompt-candidates", "6", "--prompt-length", "1", "--init", "anchor,random",
+               "--output-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    group = json.loads((out / "metrics.json").read_text())["attack"]
+    assert [a["kind"] for a in group["attacks"]] == ["inversion", "inversion", "prompt"]
+    inv = group["attacks"][0]
+    assert inv["settings"]["num_vectors"] == 4 and inv["settings"]["init"] == "anchor"
+    assert inv["concept_rate"] == inv["base_rate"] >= 0.5 and inv["attack_ok"]  # the edited model is the base
+    assert group["plain_rate"] >= 0.9  # the base model draws zorbs from the word itself
+    report = (out / "report.md").read_text()
+    assert "## Robustness under attack" in report and "attack_grid.png" in report
+    assert (out / "attack_grid.png").stat().st_size > 1000
