@@ -1,0 +1,182 @@
+"""Default against robust ablation under attack, side by side, on the bundled toy world.
+
+    python benchmarks/robustness.py                 # both default concepts, the full attack suite
+    python benchmarks/robustness.py --quick         # a smaller attack budget (a smoke run)
+
+For each concept (the default style `striped` and `configs/instance_zorb.yaml`) it runs the
+default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
+process with its own local Ray, timed; all jobs first, one after the other), then attacks both
+deltas with the same attacks (concept inversions of 4 vectors, 600 steps at batch 32, lr 1e-2,
+from the anchor word on t in [400, 1000), from the target word, and random on t in [0, 1000);
+and the greedy prompt search), each also run on the base model as the sanity check. Printed per concept and mode:
+
+- plain: the target word's rate after ablation; paraphrase: the held-out paraphrase's rate;
+- each attack's rate (and the base model's rate under the same attack);
+- preservation: the lowest after/before rate over the anchor and every neighbour;
+- fidelity: share of prompts naming none of the concepts whose object, colour and pattern the
+  probe reads as asked (the base model's rate next to it);
+- wall: the job's wall time, and robust / default as a ratio.
+
+Writes the numbers to --output-dir/robustness.json and a markdown table to robustness.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONCEPTS = {"striped": None, "zorb": "configs/instance_zorb.yaml"}
+
+
+def suite(quick: bool):
+    from rayablate.attack import InversionSettings, PromptSearchSettings
+
+    if quick:
+        return [InversionSettings(steps=100, num_references=128)], PromptSearchSettings(length=1, candidates=8)
+    strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_min=400, t_max=1000)
+    return ([InversionSettings(**strong, init="anchor"), InversionSettings(**strong, init="target"),
+             InversionSettings(**{**strong, "t_min": 0}, init="random")],
+            PromptSearchSettings(length=2, candidates=32))
+
+
+def run_job(config: str | None, robust: bool, out: Path, log) -> float:
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--output-dir", str(out), "--no-resume"]
+    cmd += ["--config", str(ROOT / config)] if config else []
+    cmd += ["--robust"] if robust else []
+    log(" ".join(cmd[1:]))
+    t0 = time.time()
+    with open(out.parent / f"{out.name}.log", "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.time() - t0
+
+
+def fidelity(pipe, spec, judge, n: int, seed: int) -> float:
+    """Share of n prompts that do not name the target drawn with the object, colour and pattern asked
+    (for a style every toy prompt names some pattern: these name the others)."""
+    from rayablate.sampling import prompt_seed, sample_images
+    from rayablate.toyworld import world as W
+
+    rows = list(W.iter_prompts_not_naming(spec.target, n, seed))
+    imgs = sample_images(pipe, [p for p, _ in rows], [prompt_seed(seed, i) for i in range(len(rows))], 20, 4.0)
+    return judge.fidelity(imgs, [lab for _, lab in rows])
+
+
+def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False) -> dict:
+    from rayablate.attack import run_attacks
+    from rayablate.pipeline import apply_delta, load_pipeline
+    from rayablate.toyworld import bundle_paths
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld()
+    m = json.loads((out / "metrics.json").read_text())
+    groups = m["groups"] if "groups" in m else m
+    keep = [g for name, g in groups.items() if name == "anchor" or name.startswith("neighbours.")]
+    edited = load_pipeline(bundle_paths()["sd"])
+    apply_delta(edited, str(out / "matcher_delta.safetensors"))
+    old = m.get("attack")
+    labels = [x.label() for x in plan.inversions] + ([f"prompt search {plan.prompt.length} tokens of "
+                                                       f"{plan.prompt.candidates}"] if plan.prompt else [])
+    if reuse and old and [a["label"] for a in old["attacks"]] == labels:
+        group = old  # measured by an earlier run of this script (--reuse)
+        for a, s in zip(group["attacks"], plan.inversions):
+            base_cache.setdefault(("inversion", a["label"], s.seed), {"rate": a["base_rate"]})
+        if plan.prompt:
+            a = group["attacks"][-1]
+            base_cache.setdefault(("prompt", a["label"]), {"rate": a["base_rate"], "words": a["base_words"]})
+    else:
+        group, rows = run_attacks(edited, base, cfg.concept, world, plan, None, "cpu", log, base_cache)
+        from rayablate.attack import write_outputs
+
+        write_outputs(out, group, rows)
+    return {"plain": groups["target"]["concept_rate_after"],
+            "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after"),
+            "preservation": min(g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for g in keep),
+            "fidelity": fidelity(edited, cfg.concept, world.judge(), plan.num_images * 2, 4242),
+            "attacks": group["attacks"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output-dir", default="outputs/bench-robustness")
+    ap.add_argument("--quick", action="store_true", help="one short inversion and a 1-token search (a smoke run)")
+    ap.add_argument("--concepts", default="striped,zorb", help="comma-separated: striped, zorb")
+    ap.add_argument("--images", type=int, default=32, help="images per attack")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the jobs and attacks already finished in --output-dir (same attack suite)")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rayablate.attack import AttackPlan
+    from rayablate.config import load_config
+    from rayablate.pipeline import load_pipeline
+    from rayablate.toyworld import bundle_paths
+    from rayablate.toyworld.vocab import ToyWorld
+
+    out_root = Path(args.output_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[robustness] {msg}", flush=True)  # noqa: E731
+    inversions, prompt = suite(args.quick)
+    results: dict = {}
+    names = args.concepts.split(",")
+    walls: dict = {}
+    for name in names:  # the jobs first, all in a row: their wall times are measured alike
+        for mode in ("default", "robust"):
+            out = out_root / name / mode
+            out.mkdir(parents=True, exist_ok=True)
+            marker = out / "bench_wall.json"
+            if args.reuse and marker.exists():
+                walls[name, mode] = json.loads(marker.read_text())["wall_s"]
+            else:
+                walls[name, mode] = run_job(CONCEPTS[name], mode == "robust", out, log)
+                marker.write_text(json.dumps({"wall_s": walls[name, mode]}))
+            log(f"{name} {mode}: {walls[name, mode]:.0f} s")
+    base = load_pipeline(bundle_paths()["sd"])
+    for name in names:
+        config = CONCEPTS[name]
+        res = results[name] = {}
+        base_cache: dict = {}
+        for mode in ("default", "robust"):
+            cfg = load_config(str(ROOT / config) if config else None, {"robust": mode == "robust" or None})
+            plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.images, seed=cfg.eval_seed)
+            res[mode] = {"wall_s": walls[name, mode], **measure(cfg, out_root / name / mode, base, base_cache, plan, log,
+                                                                args.reuse)}
+        res["base_fidelity"] = fidelity(base, cfg.concept, ToyWorld().judge(), args.images * 2, 4242)
+    (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out_root / "robustness.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def markdown(results: dict) -> str:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.0f} %"
+
+    lines = []
+    for name, res in results.items():
+        d, r = res["default"], res["robust"]
+        lines += [f"\n**{name}**\n", "| | default | robust | base model |", "|---|---|---|---|",
+                  f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |",
+                  f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"]
+        for a, b in zip(d["attacks"], r["attacks"]):
+            lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |")
+        lines += [f"| preservation (min after/before) | {pct(d['preservation'])} | {pct(r['preservation'])} | |",
+                  f"| fidelity (prompts not naming the target) | {pct(d['fidelity'])} | {pct(r['fidelity'])} | "
+                  f"{pct(res['base_fidelity'])} |",
+                  f"| wall time | {d['wall_s']:.0f} s | {r['wall_s']:.0f} s ({r['wall_s'] / d['wall_s']:.2f}x) | |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
