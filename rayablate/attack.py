@@ -29,7 +29,7 @@ import torch
 from .config import ConfigError
 from .prompts import _replace_words
 from .sampling import prompt_seed, sample_images
-from .soft_tokens import SoftTokens
+from .soft_tokens import SoftTokens, denoising_loss
 
 INITS = ("anchor", "target", "random")
 KINDS = ("inversion", "prompt")
@@ -202,13 +202,8 @@ def invert(pipe, refs: References, settings: InversionSettings, init: Sequence[s
             goal = noise if pred_type == "epsilon" else (sched.get_velocity(z0, noise, t)
                                                         if pred_type == "v_prediction" else z0)
             with soft.installed(encoders):
-                h, add = prompts.encode(encoders, soft.tokenize([captions[i] for i in idx.tolist()], device))
-            dtype = pipe.unet.dtype
-            if add is not None:
-                add = {k: v.to(dtype) for k, v in add.items()}
-            pred = pipe.unet(z_t.to(dtype), t, encoder_hidden_states=h.to(dtype), added_cond_kwargs=add,
-                             return_dict=False)[0]
-            loss = (pred.float() - goal).pow(2).mean()
+                cond = prompts.encode(encoders, soft.tokenize([captions[i] for i in idx.tolist()], device))
+            loss = denoising_loss(pipe.unet, z_t, t, cond, goal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -29,7 +29,7 @@ import difflib
 
 import torch
 
-from .soft_tokens import SoftTokens
+from .soft_tokens import SoftTokens, denoising_loss
 
 STATE_FILE = "robust_rank{}.pt"
 
@@ -98,19 +98,13 @@ class InnerAttacker:
         gen = torch.Generator(device=dev).manual_seed(step_seed(cfg.seed + 3, ab.rank, step))
         z0 = ab.encode_images(batch["images"], gen)
         opt = torch.optim.Adam(self.soft.parameters(), lr=cfg.robust_lr)
-        dtype = self.snapshot_unet.dtype
         for _ in range(cfg.robust_inner_steps):
             pick = abl[torch.randint(0, len(abl), (cfg.robust_batch_size,), generator=gen, device=dev)]
             t = torch.randint(cfg.robust_t_min, ab.num_train_timesteps, (len(pick),), generator=gen, device=dev)
             noise = torch.randn(z0[pick].shape, generator=gen, device=dev, dtype=z0.dtype)
             z_t = ab.scheduler.add_noise(z0[pick], noise, t)
             goal = self._teacher(z_t, t, [batch["target"][i] for i in pick.tolist()])
-            h, add = self._cond(self.captions(batch, pick), grad=True)
-            if add is not None:
-                add = {k: v.to(dtype) for k, v in add.items()}
-            pred = self.snapshot_unet(z_t.to(dtype), t, encoder_hidden_states=h.to(dtype), added_cond_kwargs=add,
-                                      return_dict=False)[0]
-            loss = (pred.float() - goal).pow(2).mean()
+            loss = denoising_loss(self.snapshot_unet, z_t, t, self._cond(self.captions(batch, pick), grad=True), goal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -130,3 +130,14 @@ class SoftTokens:
         with torch.no_grad():
             for i, v in enumerate(self.vectors):
                 v.copy_(state[f"vectors.{i}"].to(v.device, v.dtype))
+
+
+def denoising_loss(unet, z_t: torch.Tensor, t: torch.Tensor, cond, goal: torch.Tensor) -> torch.Tensor:
+    """MSE of `unet`'s prediction for (z_t, t) under `cond` = (hidden states, added kwargs or None)
+    against `goal`: the loss both soft-token optimisers (the attack, robust mode's inner attacker) step on."""
+    h, add = cond
+    dtype = unet.dtype
+    if add is not None:
+        add = {k: v.to(dtype) for k, v in add.items()}
+    pred = unet(z_t.to(dtype), t, encoder_hidden_states=h.to(dtype), added_cond_kwargs=add, return_dict=False)[0]
+    return (pred.float() - goal).pow(2).mean()
