@@ -139,7 +139,8 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
     any other AblationConfig field given as a keyword override it. `world`: where prompts and the
     judge come from (default: the toy world for its own concepts, else the concept's prompts and
     templates). `clip`: the CLIP of the mask (default: the config's, else the bundled toy CLIP).
-    `callback(step, metrics)` is called after every step.
+    `callback(step, metrics)` is called after every step. `method="closed-form"` returns the
+    closed-form edit instead (rayablate.closed_form: no anchor images, no training, about a second).
     """
     from .method import Ablation, PlainOptimizers, Position, ShardCache, epoch_seed, step_batches, train_step
 
@@ -147,6 +148,12 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
         overrides["steps"] = steps
     cfg = _config(concept, config, overrides)
     world = _world(cfg.concept, world)
+    if cfg.method == "closed-form":  # the one-shot least-squares edit: no rows, no training
+        from .closed_form import GROUP, closed_form_edit
+        from .pipeline import architecture_fingerprint, delta_metadata
+
+        tensors, info = closed_form_edit(pipe, cfg, world)
+        return Delta(tensors, delta_metadata(GROUP, architecture_fingerprint(pipe), {"method": "closed-form"}))
     cache = ShardCache(float("inf"))
     cache.add(training_rows(pipe, cfg, world, _clip(clip, cfg), progress))
     cache.finish()

@@ -18,6 +18,8 @@ OVERRIDES = {
     "anchor": ("concept.anchor", str, "what to draw instead"),
     "kind": ("concept.kind", str, "style | instance | memorized | unsafe"),
     "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
+    "method": ("method", str, "train (the trained matcher) | closed-form (a one-shot least-squares edit of the "
+                              "cross-attention keys/values in about a second: no training, not robust to attack)"),
     "param_group": ("param_group", str, "matcher parameters: xattn-kv | xattn | embedding | full | lora"),
     "lr_matcher": ("lr_matcher", float, "matcher learning rate (alias --learning_rate)"),
     "lr_disc": ("lr_disc", float, "discriminator learning rate"),
@@ -179,7 +181,8 @@ def _train(argv) -> int:
                worker_resources=args.worker_resources, exports=args.export, export_rank=args.export_rank)
         if plan is not None:
             attack_run(cfg, plan, Path(out), os.path.join(out, "matcher_delta.safetensors"))
-        print(f"results in {out}: metrics.json, report.md, grid.png, loss_curve.png, matcher_delta.safetensors"
+        curve = "" if cfg.method == "closed-form" else " loss_curve.png,"
+        print(f"results in {out}: metrics.json, report.md, grid.png,{curve} matcher_delta.safetensors"
               + (", exports/" if args.export else "") + (", attack_grid.png" if plan is not None else ""))
 
     return guarded(run)

@@ -18,6 +18,8 @@ KINDS = ("style", "instance", "memorized", "unsafe")
 PARAM_GROUPS = ("xattn-kv", "xattn", "embedding", "full", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MATCH_MODES = ("model", "noise")
+ROBUST_INITS = ("anchor", "target", "random")
+METHODS = ("train", "closed-form")
 MAX_PROMPT_CHARS = 1000
 
 
@@ -53,6 +55,11 @@ class AblationConfig:
     concept: ConceptSpec = dataclasses.field(default_factory=ConceptSpec)
     model: str = ""  # diffusers folder or hub id; empty = the bundled toy pipeline
     clip: str = ""  # open_clip "ARCH/PRETRAINED" or a folder; empty = the bundled toy CLIP
+    # "train": the matcher is trained (the method); "closed-form": a one-shot least-squares edit of
+    # the cross-attention keys/values (rayablate/closed_form.py), no training
+    method: str = "train"
+    closed_form_lambda: float = 10.0  # weight of the preservation captions in the closed-form edit
+    closed_form_ridge: float = 1e-3  # pull towards the base weights, relative to the data's scale
     # matcher
     param_group: str = "xattn-kv"
     lora_rank: int = 4
@@ -70,6 +77,9 @@ class AblationConfig:
     # robust ablation (rayablate/robust.py): an inner attacker's soft tokens become ablation rows
     robust: bool = False
     robust_vectors: int = 4  # soft tokens of the inner attacker
+    # the inner attacker's starts: one set of soft tokens per entry (anchor word, target word, random),
+    # refreshed in turn, each warm-started from its own last refresh
+    robust_inits: list[str] = dataclasses.field(default_factory=lambda: ["anchor", "target", "random"])
     robust_every: int = 1  # refresh the attack every this many steps
     robust_inner_steps: int = 8  # inner Adam steps per refresh (warm-started from the last refresh)
     robust_batch_size: int = 8  # rows per inner step (drawn from the step's ablation rows)
@@ -265,6 +275,16 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
     for i, t in enumerate(c.templates):
         if "{}" not in t:
             raise ConfigError(f"concept.templates[{i}]", f"must contain '{{}}' where the concept goes: {t!r}")
+    if cfg.method not in METHODS:
+        raise ConfigError("method", f"unknown method {cfg.method!r}; allowed: {', '.join(METHODS)}")
+    if cfg.method == "closed-form":
+        if cfg.robust:
+            raise ConfigError("method", "robust: true trains against an inner attacker; the closed-form edit has "
+                                        "no training to make robust (use method: train)")
+        for name in ("closed_form_lambda", "closed_form_ridge"):
+            v = getattr(cfg, name)
+            if not (v >= 0) or not math.isfinite(v):
+                raise ConfigError(name, f"must be a finite number >= 0, got {v}")
     if cfg.param_group not in PARAM_GROUPS:
         raise ConfigError("param_group", f"unknown parameter group {cfg.param_group!r}; allowed: {', '.join(PARAM_GROUPS)}")
     if cfg.match not in MATCH_MODES:
@@ -308,6 +328,9 @@ def _validate_robust(cfg: AblationConfig) -> None:
     for name in ("robust_vectors", "robust_every", "robust_inner_steps", "robust_batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
+    bad = [x for x in cfg.robust_inits if x not in ROBUST_INITS]
+    if not cfg.robust_inits or bad:
+        raise ConfigError("robust_inits", f"must be a non-empty list of {', '.join(ROBUST_INITS)}; got {cfg.robust_inits}")
     if not (cfg.robust_lr > 0) or not math.isfinite(cfg.robust_lr):
         raise ConfigError("robust_lr", f"must be a finite number > 0, got {cfg.robust_lr}")
     if cfg.robust_loss not in ("match", "margin"):

@@ -252,14 +252,19 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
 
     t0 = time.time() if started is None else started
     out = Path(out)
-    data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
-    log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
-        f"{cfg.precision}, group {cfg.param_group}")
-    t = time.time()
-    train = run_training(cfg, read_training_data(data_dir, clip_threshold), models.model_path, str(out),
-                         run_name=run_name or concept_name(cfg.concept), resume=resume, max_failures=max_failures,
-                         cpus_per_worker=cpus_per_worker, worker_resources=worker_resources)
-    log(f"    trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})")
+    if cfg.method == "closed-form":
+        train = _closed_form(cfg, out, models, log)
+        data_dir, summary = None, {"closed_form": train["closed_form"]}
+    else:
+        data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
+        log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
+            f"{cfg.precision}, group {cfg.param_group}")
+        t = time.time()
+        train = run_training(cfg, read_training_data(data_dir, clip_threshold), models.model_path, str(out),
+                             run_name=run_name or concept_name(cfg.concept), resume=resume,
+                             max_failures=max_failures, cpus_per_worker=cpus_per_worker,
+                             worker_resources=worker_resources)
+        log(f"    trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})")
     metrics = None
     if evaluation == "full":
         metrics = _full_evaluation(cfg, out, models, train, summary, num_actors, log, t0)
@@ -272,6 +277,23 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
     elif evaluation is not None:
         raise ValueError(f"evaluation must be 'full', 'quick' or None, not {evaluation!r}")
     return {"metrics": metrics, "train": train, "data_dir": data_dir, "data": summary}
+
+
+def _closed_form(cfg, out: Path, models: Models, log) -> dict:
+    """`method: closed-form`: the least-squares edit in this process, written as the delta training writes."""
+    from .closed_form import GROUP, closed_form_edit
+    from .pipeline import load_pipeline, write_delta_file
+    from .train import DELTA_NAME
+
+    log("1/2 closed-form edit of the cross-attention keys/values (no training)")
+    t = time.time()
+    pipe = load_pipeline(models.model_path)
+    tensors, info = closed_form_edit(pipe, cfg, models.world)
+    path = write_delta_file(pipe, tensors, out / DELTA_NAME, GROUP, {"method": "closed-form"})
+    log(f"    {info['tensors']} tensors from {info['pairs']} caption pairs and {info['preservation_captions']} "
+        f"preservation captions: edit {info['edit_seconds']:.2f}s ({time.time() - t:.1f}s with loading the model)")
+    return {"delta_path": str(path), "metrics": [], "worker_restarts": 0, "wall_s": info["edit_seconds"],
+            "worker_node_ids": [], "closed_form": info}
 
 
 def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_threshold, num_actors: int,
@@ -295,11 +317,12 @@ def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict,
     from .evaluation import evaluate
     from .files import write_json
 
-    log("3/3 evaluation")
+    log("2/2 evaluation" if cfg.method == "closed-form" else "3/3 evaluation")
     metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.world,
                        train_history=train["metrics"], num_actors=num_actors,
                        extra={"data": summary, "restarts": train["worker_restarts"],
-                              "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"]})
+                              "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"],
+                              **({"closed_form": train["closed_form"]} if "closed_form" in train else {})})
     metrics["wall_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
     return metrics

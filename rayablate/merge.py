@@ -66,6 +66,17 @@ def least_squares_merge(w0: torch.Tensor, weights: list[torch.Tensor], grams: li
     for w, g in zip(weights, grams):
         a += g
         b += w.to(torch.float64) @ g
+    return solve_normal_equations(w0, a, b, gram0, lam, ridge, prior)
+
+
+def solve_normal_equations(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram0: torch.Tensor | None,
+                           lam: float = 1.0, ridge: float = 1e-3, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """W with W (A + lam G_0 + rho I) = B + lam W0 G_0 + rho P: the data terms A (d x d) and
+    B (out x d) come from the caller (the merge above; the closed-form edit of `rayablate.closed_form`).
+    `ridge` is relative to the mean eigenvalue of A + lam G_0; `prior` defaults to W0."""
+    w0d = w0.to(torch.float64)
+    d = w0d.shape[1]
+    a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
     if gram0 is not None and lam > 0:
         a += lam * gram0
         b += lam * (w0d @ gram0)

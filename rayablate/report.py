@@ -65,12 +65,21 @@ def has_judge(metrics: dict) -> bool:
     return any("concept_rate_before" in m for m in group_metrics_of(metrics).values())
 
 
+def _method_line(cfg: dict, metrics: dict) -> str:
+    model = f"model: `{cfg['model'] or 'bundled toy'}`, "
+    if cfg.get("method") == "closed-form":
+        cf = metrics.get("closed_form", {})
+        return (model + f"closed-form edit of the cross-attention keys/values (no training): {cf.get('pairs')} "
+                f"caption pairs, {cf.get('preservation_captions')} preservation captions, {cf.get('tensors')} tensors "
+                f"in {cf.get('edit_seconds')} s, eval seed {cfg['eval_seed']}")
+    return model + f"parameter group `{cfg['param_group']}`, {cfg['steps']} steps, eval seed {cfg['eval_seed']}"
+
+
 def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) -> str:
     """report.md of one concept. `judge_note` says what the judge's concept rate means (the world's)."""
     cfg = metrics["config"]
     lines = [f"# Ablation report: {cfg['concept']['target']!r} -> {cfg['concept']['anchor']!r}", "",
-             f"model: `{cfg['model'] or 'bundled toy'}`, parameter group `{cfg['param_group']}`, "
-             f"{cfg['steps']} steps, eval seed {cfg['eval_seed']}", ""]
+             _method_line(cfg, metrics), ""]
     if has_judge(metrics):
         rows = [[g.name, metrics[g.name]["concept"], *(metrics[g.name].get(k) for k in GROUP_KEYS)] for g in groups]
         rate = f"Concept rate: {judge_note}. " if judge_note else "Concept rate: by the world's judge. "
