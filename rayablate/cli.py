@@ -20,6 +20,8 @@ OVERRIDES = {
     "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
     "method": ("method", str, "train (the trained matcher) | closed-form (a one-shot least-squares edit of the "
                               "cross-attention keys/values in about a second: no training, not robust to attack)"),
+    "matcher_init": ("init", str, "config init: where training starts: base | closed-form (the closed-form "
+                                  "edit, then trained)"),
     "param_group": ("param_group", str, "matcher parameters: xattn-kv | xattn | embedding | full | lora"),
     "lr_matcher": ("lr_matcher", float, "matcher learning rate (alias --learning_rate)"),
     "lr_disc": ("lr_disc", float, "discriminator learning rate"),
@@ -54,6 +56,9 @@ def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = N
         flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])
         ap.add_argument(*flags, dest=name, type=tp, default=None, help=help_)
     ap.add_argument("--use-gpu", action="store_true", default=None, help="GPU workers and actors")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show everything on the console: Ray workers' output, Ray Data's operator progress, "
+                         "library warnings (by default they go to <output-dir>/logs/)")
     ap.add_argument("--robust", action="store_true", default=None,
                     help="robust ablation: an inner attacker's soft tokens become ablation rows (config: robust: true)")
 
@@ -181,11 +186,14 @@ def _train(argv) -> int:
                worker_resources=args.worker_resources, exports=args.export, export_rank=args.export_rank)
         if plan is not None:
             attack_run(cfg, plan, Path(out), os.path.join(out, "matcher_delta.safetensors"))
-        curve = "" if cfg.method == "closed-form" else " loss_curve.png,"
-        print(f"results in {out}: metrics.json, report.md, grid.png,{curve} matcher_delta.safetensors"
-              + (", exports/" if args.export else "") + (", attack_grid.png" if plan is not None else ""))
+        from .console import is_verbose, say
 
-    return guarded(run)
+        curve = "" if cfg.method == "closed-form" else " loss_curve.png,"
+        say(f"results in {out}: metrics.json, report.md, grid.png,{curve} matcher_delta.safetensors"
+            + (", exports/" if args.export else "") + (", attack_grid.png" if plan is not None else "")
+            + ("" if is_verbose() else ", logs/ (everything the console did not show)"))
+
+    return guarded(run, args.verbose)
 
 
 def _evaluate(argv) -> int:
@@ -349,15 +357,22 @@ def _pretrain_toy(argv) -> int:
 COMMANDS = {"train": _train, "evaluate": _evaluate, "attack": _attack, "tune": _tune, "pretrain-toy": _pretrain_toy}
 
 
-def guarded(fn) -> int:
-    """Run `fn`; bad input becomes `error: ...` on stderr and exit code 2."""
+def guarded(fn, verbose: bool | None = None) -> int:
+    """Run `fn`; bad input becomes `error: ...` on stderr and exit code 2. With `verbose` given, `fn`
+    runs in that console mode (rayablate.console.session: quiet unless True)."""
     from .clip import ClipLoadError
     from .config import ConfigError
     from .data import DataError
     from .pipeline import DeltaError, PipelineLoadError
 
     try:
-        fn()
+        if verbose is None:
+            fn()
+        else:
+            from .console import session
+
+            with session(verbose):
+                fn()
     except (ConfigError, PipelineLoadError, DeltaError, DataError, ClipLoadError, PermissionError,
             NotADirectoryError, FileNotFoundError) as e:
         if os.environ.get("RAYABLATE_DEBUG"):

@@ -67,8 +67,10 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.eval_seed if seed is None else seed
     groups = world.eval_groups(cfg.concept, cfg.eval_images, seed)
-    print(f"[evaluate] generating {sum(len(g.prompts) for g in groups)} prompts x (before, after) "
-          f"in {len(groups)} groups", flush=True)
+    from .console import say
+
+    say(f"[evaluate] generating {sum(len(g.prompts) for g in groups)} prompts x (before, after) "
+        f"in {len(groups)} groups")
     images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors)
     metrics = M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
     metrics["wall_seconds"] = time.time() - t0

@@ -207,16 +207,22 @@ def init_ray(num_cpus: int | None = None):
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (the CLI's stops cleanly).
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    from . import console
+
+    # quiet jobs (rayablate.console): workers' output stays in Ray's logs; their progress comes by the board
+    forward = console.is_verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=forward,
+                 **({} if forward else {"logging_level": "ERROR"}))
     else:
         for attempt in (1, 2):
             try:
                 # The dashboard (on 127.0.0.1) serves the state API: Ray Train V2's placement-group
                 # cleaner asks it every second whether the trainer is alive; without it, it cannot
                 # clean up after a dead trainer and warns on every check.
-                ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=True,
-                         include_dashboard=True, dashboard_host="127.0.0.1")
+                ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 ** 2, log_to_driver=forward,
+                         include_dashboard=True, dashboard_host="127.0.0.1",
+                         **({} if forward else {"logging_level": "ERROR"}))
                 break
             except Exception as e:  # a starved machine can miss the raylet's 30 s start-up deadline
                 ray.shutdown()
@@ -229,7 +235,9 @@ def init_ray(num_cpus: int | None = None):
 
 
 def _say(msg: str) -> None:
-    print(f"[rayablate] {msg}", flush=True)
+    from .console import say
+
+    say(f"[rayablate] {msg}")
 
 
 def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_data: str | None = None,
@@ -351,7 +359,12 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     run_dir = Path(storage).expanduser() / (run_name or concept_name(cfg.concept)) if "://" not in storage else None
     remove_partial_outputs(out, run_dir)  # left by a run killed mid-write; the rerun resumes without them
     TOUCHED.append((out, run_dir))
+    from .console import is_verbose, log_to, quiet_libraries
+
+    log_to(out)
     init_ray()
+    if not is_verbose():
+        quiet_libraries()  # ray.init adds console handlers of its own
     _say(f"ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
                          run_name=run_name, worker_resources=worker_resources, started=t0)
@@ -359,7 +372,9 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     if exports:
         rank = export_rank or (cfg.lora_rank if cfg.param_group == "lora" else None)
         add_exports(metrics, out, exports, result["train"]["delta_path"], models.model_path, rank)
-    print(console_summary(metrics), flush=True)
+    from .console import say
+
+    say(console_summary(metrics))
     return metrics
 
 

@@ -193,6 +193,9 @@ class _Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = _device(cfg)
+        from .console import WorkerLog
+
+        self._log = WorkerLog(self.rank, config.get("board"), config.get("log_dir"), bool(config.get("verbose", True)))
         self.faults = config.get("faults")  # tests only: see rayablate/faults.py
         self.attempt = self._count_attempt(config.get("attempt_counter"))
         if self.faults is not None:
@@ -216,8 +219,8 @@ class _Worker:
         return ray.get(counter.increment.remote()) if counter is not None and self.rank == 0 else 1
 
     def log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[rayablate.train] {msg}", flush=True)
+        """Rank 0's lines reach the console once (via the driver's board when quiet); every rank's go to its log file."""
+        self._log(f"[rayablate.train] {msg}")
 
     def agree(self, flag: bool) -> bool:
         return _all_ranks_true(flag, self.device, self.world)
@@ -279,6 +282,7 @@ class _Worker:
                 self.faults.before_step(self.pos.step + 1, self.rank, self.attempt)
             self.window.append(train_step(self.ablation, self.optim, raw, self.pos.step + 1, self.agree))
             self.pos.step += 1
+            self._log.step(self.pos.step)
             if self.pos.step % cfg.checkpoint_every == 0 or self.pos.step == cfg.steps:
                 self.report(with_checkpoint=True)
                 if self.faults is not None:
@@ -475,8 +479,12 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
     storage, run_name = _run_storage(cfg, output_dir, run_name, resume)
     if not ray.is_initialized():
         ray.init()
+    from . import console
+
     counter = _attempt_counter_cls().remote()
-    extra = {"attempt_counter": counter, "faults": faults}
+    board = console.board_cls().remote()
+    extra = {"attempt_counter": counter, "faults": faults, "board": board, "verbose": console.is_verbose(),
+             "log_dir": str(output_dir / console.LOG_DIR)}
     trainer = make_trainer(cfg, train_ds, model_path, storage, run_name, max_failures=max_failures,
                            cpus_per_worker=cpus_per_worker, callbacks=callbacks, extra_loop_config=extra,
                            worker_resources=worker_resources)
@@ -486,7 +494,8 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
             # Ray Train's own Ctrl-C handler ends the process with exit status 0, as if the run had
             # succeeded; without it Ctrl-C raises KeyboardInterrupt, which the CLI turns into a clean stop.
             trainer._register_sigint_handler = lambda controller: None
-            result = trainer.fit()
+            with console.Follower(board, cfg.steps, "training"):
+                result = trainer.fit()
         except TrainingFailedError as e:
             _raise_worker_error(e)
         if result.error is not None:
@@ -494,6 +503,7 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
         attempts = ray.get(counter.count.remote())
     finally:
         ray.kill(counter)
+        ray.kill(board)
     wall = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")

@@ -281,6 +281,14 @@ def test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_res
         assert m and int(m.group(1)) >= done > 0, third[-3000:]  # it did not start over
         # the resumed run is also the job's end-to-end check: every output, every metric group
         assert "3/3 evaluation" in third
+        # ... and of its quiet console: a line per stage and report, each once; the rest in logs/
+        lines = [x for x in third.splitlines() if x.strip()]
+        assert len(lines) <= 30, third
+        train_lines = [x for x in lines if x.startswith("[rayablate.train]")]
+        assert train_lines and len(train_lines) == len(set(train_lines)), third
+        assert not any("TrainingReport" in x or "Warning" in x or "logging_progress" in x for x in lines), third
+        assert "resumed from step" in (out / "logs" / "job.log").read_text()
+        assert (out / "logs" / "rank0.log").exists()
         check_outputs(out)
         assert not _partial_files(out), _partial_files(out)
         assert json.loads((out / "train_metrics.json").read_text())[-1]["step"] == 12
