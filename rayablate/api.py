@@ -157,7 +157,7 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
     cache = ShardCache(float("inf"))
     cache.add(training_rows(pipe, cfg, world, _clip(clip, cfg), progress))
     cache.finish()
-    ablation = Ablation(pipe, cfg, device=pipe.device, copy_modules=True)
+    ablation = Ablation(pipe, cfg, device=pipe.device, copy_modules=True, world=world)
     optim = PlainOptimizers(ablation)
     pos = Position()
     bar = _progress(cfg.steps, f"ablating {cfg.concept.target!r}", progress)

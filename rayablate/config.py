@@ -20,6 +20,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MATCH_MODES = ("model", "noise")
 ROBUST_INITS = ("anchor", "target", "random")
 METHODS = ("train", "closed-form")
+INITS = ("base", "closed-form")
 MAX_PROMPT_CHARS = 1000
 
 
@@ -60,6 +61,7 @@ class AblationConfig:
     method: str = "train"
     closed_form_lambda: float = 10.0  # weight of the preservation captions in the closed-form edit
     closed_form_ridge: float = 1e-3  # pull towards the base weights, relative to the data's scale
+    init: str = "base"  # where the trained matcher starts: base (the model's weights) | closed-form (the edit)
     # matcher
     param_group: str = "xattn-kv"
     lora_rank: int = 4
@@ -285,6 +287,11 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
             v = getattr(cfg, name)
             if not (v >= 0) or not math.isfinite(v):
                 raise ConfigError(name, f"must be a finite number >= 0, got {v}")
+    if cfg.init not in INITS:
+        raise ConfigError("init", f"unknown init {cfg.init!r}; allowed: {', '.join(INITS)}")
+    if cfg.init == "closed-form" and cfg.param_group not in ("xattn-kv", "xattn", "full"):
+        raise ConfigError("init", f"init: closed-form edits the cross-attention keys/values, which parameter group "
+                                  f"{cfg.param_group!r} does not train; use xattn-kv, xattn or full")
     if cfg.param_group not in PARAM_GROUPS:
         raise ConfigError("param_group", f"unknown parameter group {cfg.param_group!r}; allowed: {', '.join(PARAM_GROUPS)}")
     if cfg.match not in MATCH_MODES:

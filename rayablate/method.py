@@ -178,10 +178,16 @@ class Ablation:
     """
 
     def __init__(self, pipe, cfg: AblationConfig, device: torch.device | str = "cpu", rank: int = 0,
-                 disc_width: int = 64, copy_modules: bool = False):
+                 disc_width: int = 64, copy_modules: bool = False, world=None):
         from diffusers import DDPMScheduler
 
         self.cfg, self.rank = cfg, rank
+        start = None
+        if cfg.init == "closed-form":  # computed from the unchanged pipe: the same on every rank
+            from .closed_form import closed_form_edit
+            from .worlds import world_for
+
+            start, _ = closed_form_edit(pipe, cfg, world if world is not None else world_for(cfg.model))
         self.device = torch.device(device)
         self.compute_dtype = DTYPES[cfg.precision]
         self.prompts = PromptEncoder(pipe)
@@ -197,6 +203,11 @@ class Ablation:
         if not self.trainable_names:
             raise ValueError(f"parameter group {cfg.param_group!r} selects no parameter of this pipeline")
         self.base_state = matcher_state(self.parts, cfg.param_group)
+        if start is not None:  # init: closed-form: the student starts from the edit, the teacher stays eps_0
+            params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+            with torch.no_grad():
+                for name, value in start.items():
+                    params[name].copy_(value.to(params[name].dtype))
         self.text_trainable = any(not n.startswith("unet.") for n in self.trainable_names)
         self.shadow = self._shadow(encs)
         self.student = MatcherModule(unet, encs, self.prompts).to(self.device)
