@@ -142,8 +142,6 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
     `callback(step, metrics)` is called after every step. `method="closed-form"` returns the
     closed-form edit instead (rayablate.closed_form: no anchor images, no training, about a second).
     """
-    from .method import Ablation, PlainOptimizers, Position, ShardCache, epoch_seed, step_batches, train_step
-
     if steps is not None:
         overrides["steps"] = steps
     cfg = _config(concept, config, overrides)
@@ -154,8 +152,19 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
 
         tensors, info = closed_form_edit(pipe, cfg, world)
         return Delta(tensors, delta_metadata(GROUP, architecture_fingerprint(pipe), {"method": "closed-form"}))
+    return ablate_rows(pipe, cfg, training_rows(pipe, cfg, world, _clip(clip, cfg), progress), world, progress,
+                       callback)
+
+
+def ablate_rows(pipe, cfg: AblationConfig, rows: dict[str, np.ndarray], world=None, progress: bool = True,
+                callback: Callable[[int, dict], None] | None = None) -> Delta:
+    """The training half of `ablate`: train on `rows` (columns as `training_rows` returns them) with
+    the full config `cfg`; returns the delta."""
+    from .method import Ablation, PlainOptimizers, Position, ShardCache, epoch_seed, step_batches, train_step
+
+    world = _world(cfg.concept, world)
     cache = ShardCache(float("inf"))
-    cache.add(training_rows(pipe, cfg, world, _clip(clip, cfg), progress))
+    cache.add(rows)
     cache.finish()
     ablation = Ablation(pipe, cfg, device=pipe.device, copy_modules=True, world=world)
     optim = PlainOptimizers(ablation)

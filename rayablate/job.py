@@ -260,11 +260,16 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
 
     t0 = time.time() if started is None else started
     out = Path(out)
+    stages = {"setup": time.time() - t0}  # seconds per stage, in metrics.json (benchmarks/overhead.py reads them)
     if cfg.method == "closed-form":
+        t = time.time()
         train = _closed_form(cfg, out, models, log)
         data_dir, summary = None, {"closed_form": train["closed_form"]}
+        stages["edit"] = time.time() - t
     else:
+        t = time.time()
         data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
+        stages["data"] = time.time() - t
         log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
             f"{cfg.precision}, group {cfg.param_group}")
         t = time.time()
@@ -272,7 +277,9 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
                              run_name=run_name or concept_name(cfg.concept), resume=resume,
                              max_failures=max_failures, cpus_per_worker=cpus_per_worker,
                              worker_resources=worker_resources)
-        log(f"    trained in {time.time() - t:.0f}s (restarts: {train['worker_restarts']})")
+        stages["training"] = time.time() - t
+        log(f"    trained in {stages['training']:.0f}s (restarts: {train['worker_restarts']})")
+    train["stage_seconds"] = stages
     metrics = None
     if evaluation == "full":
         metrics = _full_evaluation(cfg, out, models, train, summary, num_actors, log, t0)
@@ -326,11 +333,13 @@ def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict,
     from .files import write_json
 
     log("2/2 evaluation" if cfg.method == "closed-form" else "3/3 evaluation")
+    t = time.time()
     metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.world,
                        train_history=train["metrics"], num_actors=num_actors,
                        extra={"data": summary, "restarts": train["worker_restarts"],
                               "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"],
                               **({"closed_form": train["closed_form"]} if "closed_form" in train else {})})
+    metrics["stage_seconds"] = {**train.get("stage_seconds", {}), "evaluation": time.time() - t}
     metrics["wall_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -1,0 +1,138 @@
+"""Framework overhead: the Ray job against the in-process core API on the same work, side by side.
+
+    python benchmarks/overhead.py                                   # the default style job
+    python benchmarks/overhead.py --config configs/instance_zorb.yaml
+    python benchmarks/overhead.py --args "--method closed-form"     # any jobs/train.py flags, both sides
+
+The same ablation is run twice, each in a fresh process, one after the other:
+
+- **ray**: `python jobs/train.py` (a local Ray; Ray Data anchor images and CLIP masks, Ray Train +
+  DeepSpeed with the config's workers, Ray Data evaluation, report), with the stage times the job
+  writes to metrics.json (`stage_seconds`: setup = Ray start-up and input checks, data, training,
+  evaluation);
+- **in-process**: the core API of `rayablate.api` in one process with every core (the same rows:
+  prompts, seeds, anchor images and CLIP masks; the same steps; the same evaluation prompts, seeds
+  and images per group), timed per stage the same way (setup = imports and loading the pipeline).
+
+It prints each stage's seconds and the ratio ray / in-process, end to end (the wall time of the
+whole command, as a user waits for it) and per stage, and both sides' quality (target rate after,
+lowest kept rate of the anchor and neighbours), then writes overhead.json and overhead.md under
+--output-dir. Ratios, not seconds, are the numbers to compare across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def quality(groups: dict) -> dict:
+    keep = [g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for name, g in groups.items()
+            if isinstance(g, dict) and (name == "anchor" or name.startswith("neighbours.")) and "concept_rate_after" in g]
+    return {"target": groups["target"].get("concept_rate_after"), "kept_min": min(keep) if keep else None,
+            "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after")}
+
+
+def in_process(args) -> int:
+    """The child process of the in-process side: writes stage times and quality to --result."""
+    t0 = time.time()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    import rayablate
+    from rayablate.api import ablate_rows, training_rows
+    from rayablate.cli import add_common_flags, config_from_args
+    from rayablate.pipeline import load_pipeline
+    from rayablate.toyworld import bundle_paths
+    from rayablate.worlds import world_for
+
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser)
+    cfg = config_from_args(parser.parse_known_args(shlex.split(args.job_args))[0])  # the job's config
+    world = world_for(cfg.model)
+    model, clip = cfg.model or str(bundle_paths()["sd"]), cfg.clip or str(bundle_paths()["clip"])
+    pipe = load_pipeline(model)
+    stages = {"setup": time.time() - t0}
+    t = time.time()
+    if cfg.method == "closed-form":
+        delta = rayablate.ablate(pipe, cfg.concept, config=cfg, world=world, progress=False)
+        stages["edit"] = time.time() - t
+    else:
+        rows = training_rows(pipe, cfg, world, clip, progress=False)
+        stages["data"] = time.time() - t
+        t = time.time()
+        delta = ablate_rows(pipe, cfg, rows, world, progress=False)
+        stages["training"] = time.time() - t
+    t = time.time()
+    after = load_pipeline(model)
+    delta.apply(after)
+    report = rayablate.evaluate(pipe, after, cfg.concept, world=world, clip=clip, config=cfg)
+    stages["evaluation"] = time.time() - t
+    Path(args.result).write_text(json.dumps({"stages": stages, "quality": quality(report)}))
+    return 0
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+    return time.time() - t0
+
+
+def table(res: dict) -> str:
+    ray_s, ip_s = res["ray"]["stages"], res["in_process"]["stages"]
+    lines = ["| stage | ray job (s) | in-process (s) | ray / in-process |", "|---|---|---|---|"]
+    for k in [k for k in ("setup", "data", "edit", "training", "evaluation") if k in ray_s or k in ip_s]:
+        a, b = ray_s.get(k), ip_s.get(k)
+        ratio = f"{a / b:.2f}x" if a is not None and b else "–"
+        lines.append(f"| {k} | {a:.1f} | {b:.1f} | {ratio} |" if a is not None and b is not None
+                     else f"| {k} | {a} | {b} | – |")
+    a, b = res["ray"]["wall_s"], res["in_process"]["wall_s"]
+    lines.append(f"| **end to end** | {a:.1f} | {b:.1f} | **{a / b:.2f}x** |")
+    qa, qb = res["ray"]["quality"], res["in_process"]["quality"]
+    fmt = lambda q: f"target {q['target']:.2f}, kept >= {q['kept_min']:.2f}"  # noqa: E731
+    lines += ["", f"quality: ray job {fmt(qa)}; in-process {fmt(qb)}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="a concept YAML (default: the default style concept)")
+    ap.add_argument("--args", default="", help="more jobs/train.py flags for both sides, e.g. \"--steps 50\"")
+    ap.add_argument("--output-dir", default="outputs/bench-overhead")
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--job-args", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.in_process:
+        return in_process(args)
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    job_args = (["--config", str(Path(args.config).resolve())] if args.config else []) + shlex.split(args.args)
+    print(f"[overhead] ray job: jobs/train.py {' '.join(job_args)}", flush=True)
+    wall = run([sys.executable, str(ROOT / "jobs" / "train.py"), *job_args, "--output-dir", str(out / "ray"),
+                "--no-resume"], out / "ray.log")
+    m = json.loads((out / "ray" / "metrics.json").read_text())
+    res = {"ray": {"wall_s": wall, "stages": m["stage_seconds"], "quality": quality(m)}}
+    print(f"[overhead] ray job: {wall:.1f} s; in-process core API on the same work", flush=True)
+    wall = run([sys.executable, __file__, "--in-process", "--job-args", shlex.join(job_args),
+                "--result", str(out / "in_process.json")], out / "in_process.log")
+    res["in_process"] = {"wall_s": wall, **json.loads((out / "in_process.json").read_text())}
+    (out / "overhead.json").write_text(json.dumps(res, indent=1))
+    md = table(res)
+    (out / "overhead.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
