@@ -72,6 +72,9 @@ class AblationConfig:
     w_pres: float = 1.0
     w_con: float = 0.1
     w_adv: float = 0.02
+    # unconditional preservation: eps_theta(z_t, "") = eps_0(z_t, "") on every row. Classifier-free
+    # guidance multiplies any drift of that branch (robust mode turns it on, see ROBUST_DEFAULTS)
+    w_uncond: float = 0.0
     margin: float = 0.01
     # cos(caption, concept prompt-ensemble) above which a row is an ablation row; 0.25 separates the
     # toy CLIP's target captions (>= 0.34) from the others (<= 0.20); real CLIPs sit higher (~0.7-0.8).
@@ -166,7 +169,8 @@ def _from_dict(cls, data: Any, path: str):
 
 # What `robust: true` changes when the config does not set it (see docs/design.md#attacks-and-robust-ablation):
 # the group whose to_q reads the image features, more (and heavier) preservation rows, a longer run.
-ROBUST_DEFAULTS = {"param_group": "xattn", "num_preservation_images": 64, "steps": 200, "w_pres": 10.0}
+ROBUST_DEFAULTS = {"param_group": "xattn", "num_preservation_images": 64, "steps": 200, "w_pres": 10.0,
+                   "w_uncond": 10.0}
 
 
 def config_from_dict(data: dict) -> AblationConfig:
@@ -300,7 +304,7 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         v = getattr(cfg, name)
         if not (v > 0) or not math.isfinite(v):
             raise ConfigError(name, f"must be a finite number > 0, got {v}")
-    for name in ("w_match", "w_reg", "w_pres", "w_con", "w_adv", "margin"):
+    for name in ("w_match", "w_reg", "w_pres", "w_con", "w_adv", "w_uncond", "margin"):
         v = getattr(cfg, name)
         if not (v >= 0) or not math.isfinite(v):
             raise ConfigError(name, f"must be a finite number >= 0, got {v}")

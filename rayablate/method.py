@@ -36,7 +36,7 @@ from .discriminator import LatentDiscriminator
 from .pipeline import export_delta, matcher_state, set_matcher, text_encoders
 
 COLUMNS = ("image", "target_caption", "anchor_caption", "mask")
-TERMS = ("match", "reg", "pres", "con", "adv")
+TERMS = ("match", "reg", "pres", "con", "adv", "uncond")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -288,6 +288,7 @@ class Ablation:
     def _predictors(self, batch: dict, z_t, t):
         """student(kind, rows) and teacher(kind, rows): eps_theta / eps_0 for the target or anchor captions."""
         ids = {k: self.prompts.tokenize(batch[k], self.device) for k in ("target", "anchor")}
+        ids["uncond"] = self.prompts.tokenize([""] * len(batch["target"]), self.device)  # CFG's other branch
         frozen_cond: dict = {}
 
         def cond(kind):  # teacher text conditioning == student's when no text encoder trains
@@ -337,7 +338,7 @@ class Ablation:
         s_target = student("target") if need_s_target else None  # eps_theta(c*); eps_theta(c_i) on pres rows
         t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
         zero = torch.zeros((), device=self.device)
-        terms = {k: zero for k in TERMS}
+        terms = {k: zero for k in TERMS if k != "uncond" or cfg.w_uncond > 0}
         if cfg.w_match > 0:
             terms["match"] = (L.match_model_based(s_target, t_anchor, mask) if cfg.match == "model"
                               else L.match_noise_based(s_target, target, mask))
@@ -351,8 +352,12 @@ class Ablation:
         if cfg.w_adv > 0:
             terms["adv"], d_loss = self._adversarial(z_t, t, s_target, t_anchor, mask)
         weights = {"match": cfg.w_match, "reg": cfg.w_reg, "pres": cfg.w_pres, "con": cfg.w_con, "adv": cfg.w_adv}
+        if cfg.w_uncond > 0:  # the unconditional prediction of every row stays eps_0(""): guidance amplifies its drift
+            terms["uncond"] = L.preservation(student("uncond"), teacher("uncond"), torch.zeros_like(mask))
+            weights["uncond"] = cfg.w_uncond
         if self.robust is not None:
             weights["pres"] = cfg.w_pres * cfg.robust_pres_scale
+            weights["uncond"] = cfg.w_uncond * cfg.robust_pres_scale
         if robust:
             weights["robust"] = cfg.w_robust
             h, add = self.robust.conditioning(batch, abl_fwd)

@@ -99,7 +99,8 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     out = w.loss_terms(w.batch_tensors(batch), step=1)
     assert calls == {"student": 1, "teacher": 0}
     assert out["disc"] is None and w.disc is None
-    assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
+    assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {
+        k: 0.0 for k in TERMS if k not in ("match", "uncond")}  # uncond is not even a term at weight 0
     assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
 
     cfg = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
@@ -115,6 +116,21 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     expected = terms["match"] + 0.5 * terms["reg"] + 2.0 * terms["pres"] + 0.1 * terms["con"] + 0.02 * terms["adv"]
     assert out["total"].item() == pytest.approx(expected, rel=1e-6)
     assert out["disc"] is not None and torch.isfinite(out["disc"])
+
+    # unconditional preservation: one more student and teacher forward (the "" caption, all rows)
+    cfg = _cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0, w_uncond=3.0)
+    w = Ablation(load_pipeline(tiny_sd_path), cfg)
+    with torch.no_grad():  # move the matcher off eps_0, or the term is exactly 0
+        for p in w.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls.update(student=0, teacher=0)
+    w.student.unet.register_forward_hook(count("student"))
+    w.teacher.unet.register_forward_hook(count("teacher"))
+    out = w.loss_terms(w.batch_tensors(batch), step=1)
+    assert calls == {"student": 2, "teacher": 1}
+    terms = {k: v.item() for k, v in out["terms"].items()}
+    assert terms["uncond"] > 0
+    assert out["total"].item() == pytest.approx(terms["match"] + 3.0 * terms["uncond"], rel=1e-6)
 
 
 def test_shard_cache_order_is_canonical_and_each_epoch_is_a_seeded_permutation():
