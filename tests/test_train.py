@@ -255,7 +255,10 @@ def test_robust_mode_keeps_replicas_checkpoints_its_attacker_and_resumes_exactly
     ckpt = Path(full["checkpoint_path"])
     assert sorted(p.name for p in ckpt.glob("robust_rank*.pt")) == ["robust_rank0.pt", "robust_rank1.pt"]
     state = [torch.load(ckpt / f"robust_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert not torch.equal(state[0]["vectors.0"], state[1]["vectors.0"])  # each rank attacks its own rows
+    assert not torch.equal(state[0]["0.vectors.0"], state[1]["0.vectors.0"])  # each rank attacks its own rows
+    # one set of vectors per start (anchor, target, random); refreshes at steps 1 and 3 took sets 0 and 1
+    assert {k.split(".")[0] for k in state[0] if k != "current"} == {"0", "1", "2"}
+    assert int(state[0]["current"]) == 1
     out = str(tmp_path / "resumed")
     run_training(_two_worker_cfg(**{**robust, "steps": 2}), train_ds, path, out, run_name="robust")
     second = run_training(_two_worker_cfg(**robust), train_ds, path, out, run_name="robust")
