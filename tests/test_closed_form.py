@@ -73,3 +73,24 @@ def test_closed_form_config_errors_name_the_field():
         load_config(None, {"robust": True, "robust_inits": ["anchor", "sideways"]})
     with pytest.raises(ConfigError, match="^robust_inits"):
         load_config(None, {"robust": True, "robust_inits": []})
+
+
+def test_training_from_the_closed_form_edit_starts_there(tiny_pipe):
+    """init: closed-form: one tiny step from the edit ends next to the edit, far from the base."""
+    import rayablate
+    from rayablate.closed_form import closed_form_edit
+    from rayablate.worlds import world_for
+
+    concept = rayablate.Concept(target="zorb", anchor="circle", neighbours=["square"],
+                                templates=["a picture of a {}"])
+    kw = dict(steps=1, num_anchor_images=4, num_preservation_images=4, anchor_steps=2, batch_size=4,
+              lr_matcher=1e-7, w_adv=0.0, clip_threshold=-1.0, progress=False)
+    cfg = rayablate.api._config(concept, None, {k: v for k, v in kw.items() if k != "progress"})
+    edit, _ = closed_form_edit(tiny_pipe, cfg, world_for("x"))
+    delta = rayablate.ablate(tiny_pipe, concept, init="closed-form", **kw)
+    base = dict(tiny_pipe.unet.named_parameters())
+    name = next(iter(edit))
+    trained, start, w0 = delta.tensors[name], edit[name], base[name.split(".", 1)[1]].detach()
+    assert (trained - start).abs().max() < 0.01 * (start - w0).abs().max()
+    with pytest.raises(ConfigError, match="^init"):
+        rayablate.ablate(tiny_pipe, concept, init="closed-form", param_group="lora", **kw)
