@@ -34,7 +34,7 @@ OVERRIDES = {
     "margin": ("margin", float, "contrastive margin"),
     "w_reg": ("w_reg", float, "anchor regularizer weight"),
     "w_pres": ("w_pres", float, "preservation weight"),
-    "w_uncond": ("w_uncond", float, "unconditional-prediction preservation weight (robust mode: 10)"),
+    "w_uncond": ("w_uncond", float, "unconditional-prediction preservation weight (robust mode: 30)"),
     "w_con": ("w_con", float, "contrastive weight (0 disables the term)"),
     "w_adv": ("w_adv", float, "adversarial weight (0 disables the discriminator)"),
     "num_anchor_images": ("num_anchor_images", int, "anchor images to generate"),

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from rayablate.closed_form import align, closed_form_tensors, edit_data
 from rayablate.config import ConfigError, load_config

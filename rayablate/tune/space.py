@@ -50,7 +50,7 @@ def default_space(cfg: AblationConfig) -> dict[str, Param]:
     """Priors around the base config: log-uniform over a factor of 5 for learning rates, log-uniform
     for the loss weights, uniform +-0.1 around the CLIP threshold (a cosine similarity)."""
     t = cfg.clip_threshold
-    robust = {"w_robust": Param("w_robust", "loguniform", 0.1, 3.0),
+    robust = {"w_robust": Param("w_robust", "loguniform", 0.3, 10.0),
               "robust_lr": Param("robust_lr", "loguniform", 3e-3, 3e-2)} if cfg.robust else {}
     return {**robust,
         "clip_threshold": Param("clip_threshold", "uniform", max(-1.0, t - 0.1), min(1.0, t + 0.1)),
