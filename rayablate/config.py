@@ -291,13 +291,13 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
             v = getattr(cfg, name)
             if not (v >= 0) or not math.isfinite(v):
                 raise ConfigError(name, f"must be a finite number >= 0, got {v}")
+    if cfg.param_group not in PARAM_GROUPS:
+        raise ConfigError("param_group", f"unknown parameter group {cfg.param_group!r}; allowed: {', '.join(PARAM_GROUPS)}")
     if cfg.init not in INITS:
         raise ConfigError("init", f"unknown init {cfg.init!r}; allowed: {', '.join(INITS)}")
     if cfg.init == "closed-form" and cfg.param_group not in ("xattn-kv", "xattn", "full"):
-        raise ConfigError("init", f"init: closed-form edits the cross-attention keys/values, which parameter group "
+        raise ConfigError("init", f"closed-form starts from an edit of the cross-attention keys/values, which group "
                                   f"{cfg.param_group!r} does not train; use xattn-kv, xattn or full")
-    if cfg.param_group not in PARAM_GROUPS:
-        raise ConfigError("param_group", f"unknown parameter group {cfg.param_group!r}; allowed: {', '.join(PARAM_GROUPS)}")
     if cfg.match not in MATCH_MODES:
         raise ConfigError("match", f"unknown match mode {cfg.match!r}; allowed: {', '.join(MATCH_MODES)}")
     for name in ("lr_matcher", "lr_disc"):

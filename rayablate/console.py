@@ -106,13 +106,15 @@ def _setup(verbose: bool, ctx) -> None:
 
 def quiet_libraries() -> None:
     """Library warnings and INFO logging off the console (into logs/job.log once `log_to` names it)."""
-    warnings.filterwarnings("ignore")
+    warnings.simplefilter("default")  # each distinct warning once, as a log record of "py.warnings"
     logging.captureWarnings(True)
     for name in _LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 lg.removeHandler(h)  # console handlers only (file handlers stay)
+        if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+            lg.addHandler(logging.NullHandler())  # never Python's last-resort handler (stderr)
         lg.propagate = False
         if _state["file"] is not None and _state["file"] not in lg.handlers:
             lg.addHandler(_state["file"])

@@ -231,6 +231,13 @@ CATALOGUE = [
     ("robust-text-encoder-group", "train", flags("--robust", "--param-group", "embedding"),
      r"param_group: robust: true trains a UNet group"),
     ("robust-vectors-zero", "train", yaml_file("robust: true\nrobust_vectors: 0\n"), r"robust_vectors: must be >= 1"),
+    ("robust-unknown-init", "train", yaml_file("robust: true\nrobust_inits: [anchor, sideways]\n"),
+     r"robust_inits: must be a non-empty list of anchor, target, random"),
+    # the closed-form edit
+    ("method-unknown", "train", flags("--method", "uce"), r"method: unknown method 'uce'; allowed: train, closed-form"),
+    ("closed-form-robust", "train", flags("--method", "closed-form", "--robust"), r"method: robust: true trains"),
+    ("closed-form-init-lora", "train", flags("--matcher-init", "closed-form", "--param-group", "lora"),
+     r"init: closed-form starts from an edit of the cross-attention keys/values"),
     # output folder
     ("output-is-a-file", "train", None, r"output path exists and is not a folder"),
     ("output-under-a-file", "train", None, r"would lie under .*, which is a file"),
