@@ -36,7 +36,7 @@ from .discriminator import LatentDiscriminator
 from .pipeline import export_delta, matcher_state, set_matcher, text_encoders
 
 COLUMNS = ("image", "target_caption", "anchor_caption", "mask")
-TERMS = ("match", "reg", "pres", "con", "adv", "uncond")
+TERMS = ("match", "reg", "pres", "con", "adv")  # the method's terms; "uncond" and "robust" are added when on
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -338,7 +338,7 @@ class Ablation:
         s_target = student("target") if need_s_target else None  # eps_theta(c*); eps_theta(c_i) on pres rows
         t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
         zero = torch.zeros((), device=self.device)
-        terms = {k: zero for k in TERMS if k != "uncond" or cfg.w_uncond > 0}
+        terms = {k: zero for k in TERMS}
         if cfg.w_match > 0:
             terms["match"] = (L.match_model_based(s_target, t_anchor, mask) if cfg.match == "model"
                               else L.match_noise_based(s_target, target, mask))

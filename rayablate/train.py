@@ -297,7 +297,7 @@ class _Worker:
         metrics = {"step": step, "epoch": self.pos.epoch, **mean_metrics(self.window)}
         metrics["s_per_step"] = (time.time() - self.t_last) / max(1, step - self.reported_step)
         self.history.append(metrics)
-        shown = tuple(k for k in TERMS if k != "uncond" or self.cfg.w_uncond > 0)
+        shown = TERMS + (("uncond",) if self.cfg.w_uncond > 0 else ())
         shown += (("robust", "inner_loss") if self.cfg.robust else ()) + ("disc",)
         terms = " ".join(f"{k} {metrics.get(k, 0.0):.4g}" for k in shown)
         self.log(f"step {step}/{self.cfg.steps} loss {metrics.get('loss', float('nan')):.4g} ({terms}) "

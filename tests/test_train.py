@@ -99,8 +99,7 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     out = w.loss_terms(w.batch_tensors(batch), step=1)
     assert calls == {"student": 1, "teacher": 0}
     assert out["disc"] is None and w.disc is None
-    assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {
-        k: 0.0 for k in TERMS if k not in ("match", "uncond")}  # uncond is not even a term at weight 0
+    assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
     assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
 
     cfg = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
