@@ -92,22 +92,25 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
             calls[name] += 1
         return hook
 
-    cfg = _cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0)
-    w = Ablation(load_pipeline(tiny_sd_path), cfg)
-    w.student.unet.register_forward_hook(count("student"))
-    w.teacher.unet.register_forward_hook(count("teacher"))
-    out = w.loss_terms(w.batch_tensors(batch), step=1)
+    def run(cfg, perturb: bool = False):
+        """loss_terms of one batch under `cfg`, counting the student's and the teacher's UNet forwards."""
+        w = Ablation(load_pipeline(tiny_sd_path), cfg)
+        if perturb:  # move the matcher off eps_0, or a preservation-type term is exactly 0
+            with torch.no_grad():
+                for p in w.trainable_parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        calls.update(student=0, teacher=0)
+        w.student.unet.register_forward_hook(count("student"))
+        w.teacher.unet.register_forward_hook(count("teacher"))
+        return w, w.loss_terms(w.batch_tensors(batch), step=1)
+
+    w, out = run(_cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0))
     assert calls == {"student": 1, "teacher": 0}
     assert out["disc"] is None and w.disc is None
     assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
     assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
 
-    cfg = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
-    w = Ablation(load_pipeline(tiny_sd_path), cfg)
-    calls.update(student=0, teacher=0)
-    w.student.unet.register_forward_hook(count("student"))
-    w.teacher.unet.register_forward_hook(count("teacher"))
-    out = w.loss_terms(w.batch_tensors(batch), step=1)
+    _, out = run(_cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02))
     # student: c* (all rows) + c (ablation rows, regularizer); teacher: c (all rows) + c* (ablation rows, contrastive)
     assert calls == {"student": 2, "teacher": 2}
     terms = {k: v.item() for k, v in out["terms"].items()}
@@ -117,15 +120,7 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     assert out["disc"] is not None and torch.isfinite(out["disc"])
 
     # unconditional preservation: one more student and teacher forward (the "" caption, all rows)
-    cfg = _cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0, w_uncond=3.0)
-    w = Ablation(load_pipeline(tiny_sd_path), cfg)
-    with torch.no_grad():  # move the matcher off eps_0, or the term is exactly 0
-        for p in w.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    calls.update(student=0, teacher=0)
-    w.student.unet.register_forward_hook(count("student"))
-    w.teacher.unet.register_forward_hook(count("teacher"))
-    out = w.loss_terms(w.batch_tensors(batch), step=1)
+    _, out = run(_cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0, w_uncond=3.0), perturb=True)
     assert calls == {"student": 2, "teacher": 1}
     terms = {k: v.item() for k, v in out["terms"].items()}
     assert terms["uncond"] > 0
