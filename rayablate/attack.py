@@ -367,15 +367,19 @@ def _inversion(pipe, refs, settings, spec, world, prompts, plan, judge, device, 
 
 
 def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None, device: str = "cpu",
-                log=print, base_cache: dict | None = None) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+                log=print, base_cache: dict | None = None, refs: References | None = None
+                ) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     """Every attack of `plan` against `pipe` (the edited model) and `base_pipe` (the sanity check).
 
     Returns (the `attack` group of metrics.json, grid rows [(label, images)]). `base_cache`: results
-    of the same attacks on the same base model, reused across calls (e.g. by benchmarks)."""
+    of the same attacks on the same base model, reused across calls (e.g. by benchmarks and Tune
+    trials, which then need no `base_pipe`); `refs`: the inversions' reference images, made once by
+    the caller (default: `reference_set` from `base_pipe`)."""
     plan.check()
     judge = AttackJudge(spec, world, clip_scorer)
     prompts = next(g for g in world.eval_groups(spec, plan.num_images, plan.seed) if g.name == "target").prompts
-    refs = reference_set(plan, base_pipe, spec, world, device) if plan.inversions else None
+    if refs is None and plan.inversions:
+        refs = reference_set(plan, base_pipe, spec, world, device)
     base_cache = {} if base_cache is None else base_cache
     plain = _sample(pipe, prompts, plan, device)
     rows = [("plain word", plain)]

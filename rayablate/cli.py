@@ -299,7 +299,9 @@ def _tune(argv) -> int:
                                  description=(
         "Ray Tune over whole ablation runs: each trial trains (Ray Train + DeepSpeed) and evaluates one\n"
         "config; ASHA stops poor trials after the first rung. Searches clip_threshold, margin, lr_matcher,\n"
-        "lr_disc, w_con, w_adv, w_reg, w_pres. Objective = ablation x preservation - kid_weight x KID.\n"
+        "lr_disc, w_con, w_adv, w_reg, w_pres (and w_robust, robust_lr with --robust).\n"
+        "Objective = ablation x preservation - kid_weight x KID; with an attack (--attack-steps, on by\n"
+        "default with --robust) ablation = 1 - max(target rate, rate under a concept inversion).\n"
         "Then trains the default and the best config to the end and evaluates both on a held-out seed.\n\n"
         "  python jobs/tune.py --num-samples 8\n"
         "  python jobs/tune.py --param lr_matcher=loguniform:1e-4:1e-2 --param w_adv=choice:0,0.02\n"
@@ -325,6 +327,9 @@ def _tune(argv) -> int:
                     help="evaluation seed of the final default-vs-best comparison (default: eval_seed + 1)")
     ap.add_argument("--scheduler", default="asha", help="asha | fifo")
     ap.add_argument("--no-final", action="store_true", help="skip the held-out default-vs-best comparison")
+    ap.add_argument("--attack-steps", type=int, default=None,
+                    help="attack every trial's model with a concept inversion of this many steps and put the "
+                         "attacked rate in the objective (0: no attack; default: 100 with --robust, else 0)")
     ap.add_argument("--user-data", help="extra image-text pairs (as for train)")
     args = ap.parse_args(argv)
 
@@ -338,7 +343,7 @@ def _tune(argv) -> int:
                                 rungs=args.rungs or [], trial_eval_images=args.trial_eval_images,
                                 kid_weight=args.kid_weight, search_seed=args.search_seed,
                                 heldout_seed=args.heldout_seed, trial_workers=args.trial_workers,
-                                scheduler=args.scheduler, final=not args.no_final)
+                                scheduler=args.scheduler, final=not args.no_final, attack_steps=args.attack_steps)
         out = args.output_dir or os.path.join("outputs", "tune-" + concept_name(cfg.concept))
         tune_ablation(cfg, space, settings, out, user_data=args.user_data)
         print(f"results in {out}: trials.csv, best_config.yaml, objective_vs_params.png, tune_report.md")

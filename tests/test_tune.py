@@ -90,6 +90,11 @@ def test_objective_multiplies_ablation_and_preservation_and_subtracts_kid():
             "anchor": {"clip_score_before": 0.30, "clip_score_after": 0.27, "kid": 0.0}}
     q = objective_parts(real)
     assert q["ablation"] == pytest.approx(0.8) and q["preservation"] == pytest.approx(0.9)
+    # With the search's attack, ablation counts the worse of the plain word and the attacked rate.
+    hit = objective_parts(m, kid_weight=1.0, attacked_rate=0.6)
+    assert hit["ablation"] == pytest.approx(0.4) and hit["attacked_rate"] == 0.6
+    assert hit["objective"] == pytest.approx(0.4 * 0.75 - 0.01)
+    assert objective_parts(m, attacked_rate=0.05)["ablation"] == pytest.approx(0.9)  # the word is worse
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,9 @@ def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
                                  "report_every": 2, "checkpoint_every": 2})
         space = load_space(cfg, None, ["lr_matcher=grid:1e-3,1e30", "w_adv=0.0"], ["lr_matcher", "w_adv"])
         out = tmp_path_factory.mktemp("tune") / "out"
-        summary = tune_ablation(cfg, space, TuneSettings(num_samples=1, trial_eval_images=4, rungs=[2, 4]), out)
+        # a 3-step attack on every trial: the attacked rate's path through the trials and the report
+        summary = tune_ablation(cfg, space, TuneSettings(num_samples=1, trial_eval_images=4, rungs=[2, 4],
+                                                         attack_steps=3), out)
         yield out, summary
     finally:
         ray.shutdown()
@@ -125,6 +132,10 @@ def test_a_failing_trial_does_not_stop_the_others(search):
     assert by_lr[1e30]["status"] == "failed" and by_lr[1e30]["error"]
     assert summary["failed_trials"] == 1
     assert np.isfinite(float(by_lr[1e-3]["objective"]))
+    attacked = float(by_lr[1e-3]["attacked_rate"])
+    assert 0.0 <= attacked <= 1.0
+    assert float(by_lr[1e-3]["ablation"]) <= 1.0 - attacked + 1e-9  # the attacked rate is in the objective
+    assert summary["attack"]["label"].startswith("inversion 4v 3 steps") and summary["attack"]["num_images"] == 4
 
 
 @pytest.mark.slow
@@ -133,7 +144,8 @@ def test_search_writes_a_best_config_that_loads(search):
     cfg = load_config(out / "best_config.yaml")
     assert cfg.lr_matcher == 1e-3 and cfg.w_adv == 0.0 and cfg.steps == 4
     assert (out / "objective_vs_params.png").stat().st_size > 1000
-    assert "Default vs best" in (out / "tune_report.md").read_text()
+    report = (out / "tune_report.md").read_text()
+    assert "Default vs best" in report and "Every trial was attacked" in report
     assert not list(out.rglob("*.tmp"))
     final = summary["final"]["best"]
     assert summary["heldout_seed"] != summary["search_seed_eval"]

@@ -10,7 +10,8 @@ from ..files import atomic
 from ..report import fmt, markdown_table, text_table
 from .space import Param
 
-METRIC_COLUMNS = ("objective", "ablation", "preservation", "kid", "target_rate_after", "paraphrase_leakage", "loss")
+METRIC_COLUMNS = ("objective", "ablation", "preservation", "kid", "target_rate_after", "attacked_rate",
+                  "paraphrase_leakage", "loss")
 
 
 def fmt_params(params: dict) -> str:
@@ -78,23 +79,30 @@ def _panel(ax, n: str, ok: list[dict], best: dict | None, log_x: bool) -> None:
     ax.set_ylabel("objective")
 
 
-FINAL_HEADERS = ["config", "objective", "ablation", "preservation", "KID", "target rate after", "paraphrase leakage"]
+FINAL_HEADERS = ["config", "objective", "ablation", "preservation", "KID", "target rate after", "attacked rate",
+                 "paraphrase leakage"]
 
 
 def report_markdown(summary: dict, trials: list[dict], space: dict[str, Param]) -> str:
+    attack = summary.get("attack")
     lines = [f"# Tune: {summary['concept']}", "",
              "objective = ablation × preservation − kid_weight × KID (see `rayablate/tune/objective.py`); "
              f"kid_weight = {summary['kid_weight']}; rungs {summary['rungs']} steps; "
              f"{summary['num_trials']} trials, {summary['failed_trials']} failed.", ""]
+    if attack:
+        lines += [f"Every trial was attacked ({attack['label']}, {attack['num_images']} images); ablation = "
+                  "1 − max(target rate, attacked rate). On the base model the attack brings the concept back in "
+                  f"{attack['base_rate']:.0%} of images{'' if attack['attack_ok'] else ' (the attack FAILED there)'}.",
+                  ""]
     if summary.get("final"):
         rows = []
         for label, r in summary["final"].items():
             if "error" in r:
-                rows.append([label, f"failed: {r['error']}"] + [""] * 5)
+                rows.append([label, f"failed: {r['error']}"] + [""] * 6)
             else:
                 label = f"{label} (= default)" if r.get("same_as_default") else label
                 rows.append([label, r["objective"], r["ablation"], r["preservation"], fmt(r["kid"], 4),
-                             r["target_rate_after"], r.get("paraphrase_leakage")])
+                             r["target_rate_after"], r.get("attacked_rate"), r.get("paraphrase_leakage")])
         lines += [f"## Default vs best, on held-out evaluation seed {summary['heldout_seed']}", "",
                   markdown_table(FINAL_HEADERS, rows), ""]
     rows = []
@@ -102,10 +110,10 @@ def report_markdown(summary: dict, trials: list[dict], space: dict[str, Param]) 
         tag = " (default)" if t["is_default"] else ""
         status = t["status"] if t["status"] == "ok" else f"failed: {t['error'][:80]}"
         rows.append([f"{t['trial_id']}{tag}", status, t["steps"], *(fmt(t["params"][n], 4) for n in space),
-                     t["objective"], t["ablation"], t["preservation"], fmt(t["kid"], 4)])
+                     t["objective"], t["ablation"], t["preservation"], fmt(t["kid"], 4), t.get("attacked_rate")])
     lines += ["## Trials (search seed)", "",
-              markdown_table(["trial", "status", "steps", *space, "objective", "ablation", "preservation", "KID"],
-                             rows),
+              markdown_table(["trial", "status", "steps", *space, "objective", "ablation", "preservation", "KID",
+                              "attacked rate"], rows),
               "", "![objective vs parameters](objective_vs_params.png)", ""]
     return "\n".join(lines)
 
@@ -114,10 +122,11 @@ def console_table(summary: dict) -> str:
     lines = []
     if summary.get("final"):
         rows = [[label, f"failed: {r['error']}"] if "error" in r else
-                [label, r["objective"], r["ablation"], r["preservation"], fmt(r["kid"], 4), r.get("paraphrase_leakage")]
+                [label, r["objective"], r["ablation"], r["preservation"], fmt(r["kid"], 4), r.get("attacked_rate"),
+                 r.get("paraphrase_leakage")]
                 for label, r in summary["final"].items()]
-        table = text_table(["config", "objective", "ablation", "preserv.", "KID", "leakage"], rows,
-                           widths=[8, 9, 9, 9, 8, 8]).splitlines()
+        table = text_table(["config", "objective", "ablation", "preserv.", "KID", "attacked", "leakage"], rows,
+                           widths=[8, 9, 9, 9, 8, 8, 8]).splitlines()
         lines += [f"held-out seed {summary['heldout_seed']}:  {table[0]}"] + [f"{'':>22}{row}" for row in table[1:]]
     lines.append(f"wall time: {summary.get('wall_seconds', 0):.0f}s")
     return "\n".join(lines)

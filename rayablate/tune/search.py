@@ -27,6 +27,12 @@ from .report import METRIC_COLUMNS, console_table, fmt_params, plot_objective, r
 from .space import Param, apply_params, check_space
 
 
+# The trials' attack: a concept inversion from the target word (the start that brought zorb back
+# most often against robust models) on the high-noise timesteps, short enough to run after every rung.
+ATTACK_STEPS = 100
+ATTACK = dict(num_vectors=4, batch_size=16, lr=1e-2, t_min=400, t_max=1000, init="target", num_references=64)
+
+
 @dataclasses.dataclass
 class TuneSettings:
     num_samples: int = 8
@@ -39,6 +45,9 @@ class TuneSettings:
     trial_workers: int = 1  # Ray Train workers per trial
     scheduler: str = "asha"  # asha | fifo
     final: bool = True  # train default and best to the end and evaluate them on the held-out seed
+    # a concept inversion of this many steps against every trial's model (0: none; None: ATTACK_STEPS
+    # in robust mode, else none); its rate joins the objective (objective.py)
+    attack_steps: int | None = None
 
     def check(self, cfg: AblationConfig) -> None:
         if self.num_samples < 1:
@@ -54,6 +63,8 @@ class TuneSettings:
         rungs = self.rung_steps(cfg)
         if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[0] < 1:
             raise ConfigError("rungs", f"must be increasing step counts >= 1, got {rungs}")
+        if self.attack_steps is not None and self.attack_steps < 0:
+            raise ConfigError("attack_steps", f"must be >= 0 (0: no attack), got {self.attack_steps}")
         if self.heldout(cfg) == cfg.eval_seed:
             raise ConfigError("heldout_seed", f"must differ from the search's evaluation seed ({cfg.eval_seed})")
 
@@ -61,6 +72,9 @@ class TuneSettings:
         if self.rungs:
             return [int(r) for r in self.rungs]
         return [max(1, cfg.steps // 2), cfg.steps] if cfg.steps >= 2 else [cfg.steps]
+
+    def attack(self, cfg: AblationConfig) -> int:
+        return (ATTACK_STEPS if cfg.robust else 0) if self.attack_steps is None else self.attack_steps
 
     def heldout(self, cfg: AblationConfig) -> int:
         return cfg.eval_seed + 1 if self.heldout_seed is None else self.heldout_seed
@@ -88,11 +102,41 @@ def run_trial(params: dict, ctx: dict) -> None:
         run = run_concept(cfg, trial_dir, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=cfg.clip_threshold,
                           run_name="train", cpus_per_worker=ctx["cpus_per_worker"], evaluation="quick",
                           eval_context=ctx["eval"], log=_quiet)
-        parts = objective_parts(run["metrics"], ctx["kid_weight"])
+        parts = objective_parts(run["metrics"], ctx["kid_weight"], _attacked_rate(cfg, run, ctx))
         last = run["train"]["metrics"][-1] if run["train"]["metrics"] else {}
         write_json(trial_dir / "progress.json", {"steps": steps, "params": params, **parts})
         tune.report({**parts, "steps": steps, "loss": float(last.get("loss", float("nan"))),
                      "trial_dir": str(trial_dir)})
+
+
+def _attack_plan(cfg: AblationConfig, steps: int, images: int):
+    from ..attack import AttackPlan, InversionSettings
+
+    return AttackPlan(inversions=[InversionSettings(steps=steps, **ATTACK)], prompt=None, num_images=images,
+                      seed=cfg.eval_seed, steps=cfg.eval_steps, guidance=cfg.guidance_scale)
+
+
+def _attacked_rate(cfg: AblationConfig, run: dict, ctx: dict) -> float | None:
+    """The concept's rate under the search's attack against this run's model (None: no attack).
+    The references and the base model's sanity run were made once (`_shared_inputs`)."""
+    attack = ctx.get("attack")
+    if not attack:
+        return None
+    import torch
+
+    from ..attack import run_attacks
+    from ..clip import ClipScorer
+    from ..pipeline import apply_delta, load_pipeline
+
+    models = ctx["models"]
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    edited = load_pipeline(models.model_path, device=device)
+    apply_delta(edited, run["train"]["delta_path"])
+    scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
+    plan = _attack_plan(cfg, attack["steps"], attack["num_images"])
+    group, _ = run_attacks(edited, None, cfg.concept, models.world, plan, scorer, device, _quiet,
+                           base_cache=dict(attack["base_cache"]), refs=attack["refs"])
+    return group["attacks"][0]["concept_rate"]
 
 
 def _resources(cfg: AblationConfig, settings: TuneSettings) -> tuple[int, float]:
@@ -128,6 +172,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
           f"scheduler {settings.scheduler}", flush=True)
     ctx = _shared_inputs(cfg, models, out, settings, user_data, resolution)
     ctx.update(rungs=rungs, cpus_per_worker=cpus_per_worker)
+    attack = ctx.get("attack")
     default_point = {n: getattr(cfg, n) for n, p in space.items() if p.dist not in ("grid", "fixed")}
     tuner = _tuner(space, settings, ctx, k, default_point)
     print("[tune] 3/4 search", flush=True)
@@ -146,7 +191,8 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                "failed_trials": sum(t["status"] != "ok" for t in trials), "concurrent_trials": k,
                "cpus_per_worker": cpus_per_worker, "kid_weight": settings.kid_weight,
                "search_seed_eval": cfg.eval_seed, "best_search": _public(best),
-               "default_search": _public(default) if default else None}
+               "default_search": _public(default) if default else None,
+               "attack": {k: attack[k] for k in ("label", "num_images", "base_rate", "attack_ok")} if attack else None}
     if settings.final:
         summary.update(_final_comparison(cfg, best_cfg, best, default, ctx, out, settings))
     summary["wall_seconds"] = time.time() - t0
@@ -184,7 +230,34 @@ def _shared_inputs(cfg: AblationConfig, models, out: Path, settings: TuneSetting
               generate_before_after(groups, models.model_path, None, cfg, cfg.eval_seed).items()}
     return {"base": to_dict(cfg), "out": str(out), "data_dir": str(data_dir), "models": models,
             "eval": {"groups": groups, "before": before, "seed": cfg.eval_seed},
-            "kid_weight": settings.kid_weight, "trial_workers": settings.trial_workers}
+            "kid_weight": settings.kid_weight, "trial_workers": settings.trial_workers,
+            "attack": _base_attack(cfg, models, settings)}
+
+
+def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | None:
+    """The trials' attack, prepared once: its reference images, and its run on the base model (the
+    sanity check every trial's rate is read against)."""
+    steps = settings.attack(cfg)
+    if not steps:
+        return None
+    import torch
+
+    from ..attack import reference_set, run_attacks
+    from ..clip import ClipScorer
+    from ..pipeline import load_pipeline
+
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    plan = _attack_plan(cfg, steps, settings.trial_eval_images)
+    print(f"[tune]     the trials' attack ({plan.inversions[0].label()}) on the base model", flush=True)
+    base = load_pipeline(models.model_path, device=device)
+    refs = reference_set(plan, base, cfg.concept, models.world, device)
+    scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
+    cache: dict = {}
+    group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs)
+    a = group["attacks"][0]
+    print(f"[tune]     base model under the attack: concept in {a['concept_rate']:.0%} of images", flush=True)
+    return {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
+            "label": a["label"], "base_rate": a["base_rate"], "attack_ok": a["attack_ok"]}
 
 
 def _tuner(space: dict[str, Param], settings: TuneSettings, ctx: dict, k: int, default_point: dict):
@@ -254,9 +327,10 @@ def _final_eval(label: str, cfg: AblationConfig, trial: dict, ctx: dict, out: Pa
     dest = out / "final" / label
     run = run_concept(c, dest, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=c.clip_threshold,
                       run_name="train", cpus_per_worker=ctx["cpus_per_worker"], log=_quiet)
-    parts = objective_parts(run["metrics"], settings.kid_weight)
+    parts = objective_parts(run["metrics"], settings.kid_weight, _attacked_rate(c, run, ctx))
+    attacked = "" if "attacked_rate" not in parts else f", attacked {parts['attacked_rate']:.3f}"
     print(f"[tune]     {label}: objective {parts['objective']:.3f} (ablation {parts['ablation']:.3f}, "
-          f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f})", flush=True)
+          f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f}{attacked})", flush=True)
     return {"trial_id": trial["trial_id"], "params": trial["params"], "delta": run["train"]["delta_path"],
             "report": str(dest / "report.md"), **parts}
 
