@@ -12,7 +12,10 @@ and the greedy prompt search), each also run on the base model as the sanity che
 
 - plain: the target word's rate after ablation; paraphrase: the held-out paraphrase's rate;
 - each attack's rate (and the base model's rate under the same attack);
-- preservation: the lowest after/before rate over the anchor and every neighbour;
+- preservation: the lowest after/before rate over the anchor and every neighbour, from the job's
+  evaluation (32 images a group) and measured again on --kept-images (96) images a group, other
+  seeds (at 32 images one image moves a rate by 3 points, the size of the 97 % bar), with each
+  group's kept rate;
 - fidelity: share of prompts naming none of the concepts whose object, colour and pattern the
   probe reads as asked (the base model's rate next to it);
 - wall: the job's wall time, and robust / default as a ratio.
@@ -69,7 +72,27 @@ def fidelity(pipe, spec, judge, n: int, seed: int) -> float:
     return judge.fidelity(imgs, [lab for _, lab in rows])
 
 
-def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False) -> dict:
+def kept_rates(base, edited, cfg, judge, n: int, seed: int, cache: dict) -> dict:
+    """after/before concept rate of the anchor and every neighbour on n images each (more than the
+    job's evaluation: at 32 images one image is 3 points, the size of the issue's tolerance)."""
+    from rayablate.sampling import prompt_seed, sample_images
+    from rayablate.toyworld.vocab import ToyWorld
+
+    out = {}
+    for g in ToyWorld().eval_groups(cfg.concept, n, seed):
+        if g.name != "anchor" and not g.name.startswith("neighbours."):
+            continue
+        seeds = [prompt_seed(seed, i) for i in range(len(g.prompts))]
+        if g.name not in cache:
+            cache[g.name] = judge.concept_rate(sample_images(base, g.prompts, seeds, cfg.eval_steps,
+                                                             cfg.guidance_scale), g.concept)
+        after = judge.concept_rate(sample_images(edited, g.prompts, seeds, cfg.eval_steps, cfg.guidance_scale),
+                                   g.concept)
+        out[g.name] = {"before": cache[g.name], "after": after, "kept": after / max(cache[g.name], 1e-9)}
+    return out
+
+
+def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False, kept_images: int = 96) -> dict:
     from rayablate.attack import run_attacks
     from rayablate.pipeline import apply_delta, load_pipeline
     from rayablate.toyworld import bundle_paths
@@ -96,9 +119,12 @@ def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False) ->
         from rayablate.attack import write_outputs
 
         write_outputs(out, group, rows)
+    kept = kept_rates(base, edited, cfg, world.judge(), kept_images, cfg.eval_seed + 5000,
+                      base_cache.setdefault("kept_before", {}))
     return {"plain": groups["target"]["concept_rate_after"],
             "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after"),
             "preservation": min(g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for g in keep),
+            "kept": kept, "preservation_large": min(k["kept"] for k in kept.values()),
             "fidelity": fidelity(edited, cfg.concept, world.judge(), plan.num_images * 2, 4242),
             "attacks": group["attacks"]}
 
@@ -110,6 +136,8 @@ def main() -> int:
     ap.add_argument("--concepts", default="striped,zorb", help="comma-separated: striped, zorb")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
+    ap.add_argument("--kept-images", type=int, default=96,
+                    help="images per anchor / neighbour group of the larger preservation measurement")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the jobs and attacks already finished in --output-dir (same attack suite)")
     args = ap.parse_args()
@@ -150,8 +178,9 @@ def main() -> int:
             cfg = load_config(str(ROOT / config) if config else None, {"robust": mode == "robust" or None})
             plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.images, seed=cfg.eval_seed)
             res[mode] = {"wall_s": walls[name, mode], **measure(cfg, out_root / name / mode, base, base_cache, plan, log,
-                                                                args.reuse)}
+                                                                args.reuse, args.kept_images)}
         res["base_fidelity"] = fidelity(base, cfg.concept, ToyWorld().judge(), args.images * 2, 4242)
+        res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (out_root / "robustness.md").write_text(table + "\n")
@@ -171,7 +200,12 @@ def markdown(results: dict) -> str:
                   f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"]
         for a, b in zip(d["attacks"], r["attacks"]):
             lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |")
-        lines += [f"| preservation (min after/before) | {pct(d['preservation'])} | {pct(r['preservation'])} | |",
+        lines += [f"| preservation (min after/before, the job's 32 images) | {pct(d['preservation'])} | "
+                  f"{pct(r['preservation'])} | |",
+                  f"| preservation (min after/before, {len(r['kept'])} groups of "
+                  f"{res['kept_images']} images) | {pct(d['preservation_large'])} | {pct(r['preservation_large'])} | |",
+                  *(f"| kept: {k} | {pct(d['kept'][k]['kept'])} | {pct(v['kept'])} | {pct(v['before'])} before |"
+                    for k, v in r["kept"].items()),
                   f"| fidelity (prompts not naming the target) | {pct(d['fidelity'])} | {pct(r['fidelity'])} | "
                   f"{pct(res['base_fidelity'])} |",
                   f"| wall time | {d['wall_s']:.0f} s | {r['wall_s']:.0f} s ({r['wall_s'] / d['wall_s']:.2f}x) | |"]

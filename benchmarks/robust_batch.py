@@ -1,0 +1,128 @@
+"""Robust ablation in a batch: two concepts trained robust, merged into one model, and attacked.
+
+    python benchmarks/robust_batch.py                        # striped + zorb, robust, merged
+    python benchmarks/robust_batch.py --inits target --images 16 --output-dir /tmp/rb
+
+Runs `jobs/batch_ablate.py` on a two-concept batch of the toy world (the default style `striped`,
+the default instance `zorb`) with `robust: true` for every concept (one Ray Train worker each, both
+in flight; the least-squares merge; no joint run), then attacks, for each concept, its own robust
+delta ("separate") and the merged model ("merged") with the strongest concept inversions of
+`benchmarks/robustness.py` (4 vectors, 600 steps at batch 32, lr 1e-2, t in [400, 1000)), each
+also on the base model (the sanity check; once per concept and attack). Prints, per concept and
+model: the plain word's rate, the lowest kept rate of the anchor and neighbours (the batch's own
+evaluation), and each attack's rate. Writes robust_batch.json and robust_batch.md into --output-dir.
+
+The merge fits each concept's cross-attention key/value edit on its own captions; the robust mode's
+group is `xattn`, whose query/output projections have no closed form and are summed
+(`rayablate/merge.py`), so the question this answers is whether robustness survives that.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BATCH = {
+    "batch": {"max_concurrent": 2, "cpus_per_worker": 0.49, "merge": True, "evaluate_sum": False, "joint": False},
+    "defaults": {"robust": True, "num_workers": 1, "eval_images": 32},
+    "concepts": [
+        {"concept": {"target": "striped", "anchor": "plain", "kind": "style", "neighbours": ["dotted", "checkered"]}},
+        {"concept": {"target": "zorb", "anchor": "circle", "kind": "instance", "neighbours": ["kubo", "square"]},
+         "w_pres": 10.0},
+    ],
+}
+
+
+def kept(metrics: dict) -> float:
+    rates = [g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for name, g in metrics.items()
+             if isinstance(g, dict) and (name == "anchor" or name.startswith("neighbours.")) and
+             "concept_rate_before" in g]
+    return min(rates)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output-dir", default="outputs/bench-robust-batch")
+    ap.add_argument("--inits", default="target,anchor", help="inversions to run, by init")
+    ap.add_argument("--images", type=int, default=32, help="images per attack")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
+    args = ap.parse_args()
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[robust_batch] {msg}", flush=True)  # noqa: E731
+    (out / "batch.yaml").write_text(yaml.safe_dump(BATCH, sort_keys=False))
+    cmd = [sys.executable, str(ROOT / "jobs" / "batch_ablate.py"), str(out / "batch.yaml"), "--output-dir",
+           str(out / "batch")]
+    log(" ".join(cmd[1:]))
+    t0 = time.time()
+    with open(out / "batch.log", "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.time() - t0
+    log(f"batch: {wall:.0f} s")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rayablate.attack import AttackPlan, InversionSettings, run_attacks
+    from rayablate.config import load_config
+    from rayablate.pipeline import apply_delta, load_pipeline
+    from rayablate.toyworld import bundle_paths
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld()
+    strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_min=400, t_max=1000)
+    inversions = [InversionSettings(**strong, init=i) for i in args.inits.split(",") if i]
+    base = load_pipeline(bundle_paths()["sd"])
+    results: dict = {"batch_wall_s": wall, "concepts": {}}
+    for c in BATCH["concepts"]:
+        name = c["concept"]["target"]
+        cfg = load_config(str(out / "batch" / "concepts" / name / "config.yaml"))
+        plan = AttackPlan(inversions=inversions, prompt=None, num_images=args.images, seed=cfg.eval_seed)
+        cache: dict = {}
+        res = results["concepts"][name] = {}
+        for model, delta, metrics in [
+                ("separate", out / "batch" / "concepts" / name / "matcher_delta.safetensors",
+                 out / "batch" / "concepts" / name / "metrics.json"),
+                ("merged", out / "batch" / "merged" / "merged_delta.safetensors",
+                 out / "batch" / "merged" / "eval" / name / "metrics.json")]:
+            m = json.loads(metrics.read_text())
+            edited = load_pipeline(bundle_paths()["sd"])
+            apply_delta(edited, str(delta))
+            group, _ = run_attacks(edited, base, cfg.concept, world, plan, None, "cpu", log, cache)
+            res[model] = {"plain": m["target"]["concept_rate_after"], "kept": kept(m),
+                          "attacks": [{"label": a["label"], "rate": a["concept_rate"], "base_rate": a["base_rate"]}
+                                      for a in group["attacks"]]}
+    (out / "robust_batch.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out / "robust_batch.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def markdown(results: dict) -> str:
+    def pct(v):
+        return f"{100 * v:.0f} %"
+
+    lines = [f"batch of 2 robust concepts (separate runs + least-squares merge): {results['batch_wall_s']:.0f} s"]
+    for name, res in results["concepts"].items():
+        s, m = res["separate"], res["merged"]
+        lines += [f"\n**{name}**\n", "| | separate (robust) | merged (robust) | base model |", "|---|---|---|---|",
+                  f"| plain word | {pct(s['plain'])} | {pct(m['plain'])} | |",
+                  f"| kept (min anchor / neighbours) | {pct(s['kept'])} | {pct(m['kept'])} | |"]
+        for a, b in zip(s["attacks"], m["attacks"]):
+            lines.append(f"| {a['label']} | {pct(a['rate'])} | {pct(b['rate'])} | {pct(a['base_rate'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
