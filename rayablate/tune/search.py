@@ -116,23 +116,29 @@ def _attack_plan(cfg: AblationConfig, steps: int, images: int):
                       seed=cfg.eval_seed, steps=cfg.eval_steps, guidance=cfg.guidance_scale)
 
 
+def _attack_device_and_scorer(cfg: AblationConfig, models):
+    """Where the trials' attack runs, and its CLIP judge for a model without a probe (else None)."""
+    import torch
+
+    from ..clip import ClipScorer
+
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    return device, (ClipScorer.load(models.clip) if models.world.judge() is None else None)
+
+
 def _attacked_rate(cfg: AblationConfig, run: dict, ctx: dict) -> float | None:
     """The concept's rate under the search's attack against this run's model (None: no attack).
     The references and the base model's sanity run were made once (`_shared_inputs`)."""
     attack = ctx.get("attack")
     if not attack:
         return None
-    import torch
-
     from ..attack import run_attacks
-    from ..clip import ClipScorer
     from ..pipeline import apply_delta, load_pipeline
 
     models = ctx["models"]
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    device, scorer = _attack_device_and_scorer(cfg, models)
     edited = load_pipeline(models.model_path, device=device)
     apply_delta(edited, run["train"]["delta_path"])
-    scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
     plan = _attack_plan(cfg, attack["steps"], attack["num_images"])
     group, _ = run_attacks(edited, None, cfg.concept, models.world, plan, scorer, device, _quiet,
                            base_cache=dict(attack["base_cache"]), refs=attack["refs"])
@@ -240,18 +246,14 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     steps = settings.attack(cfg)
     if not steps:
         return None
-    import torch
-
     from ..attack import reference_set, run_attacks
-    from ..clip import ClipScorer
     from ..pipeline import load_pipeline
 
-    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    device, scorer = _attack_device_and_scorer(cfg, models)
     plan = _attack_plan(cfg, steps, settings.trial_eval_images)
     print(f"[tune]     the trials' attack ({plan.inversions[0].label()}) on the base model", flush=True)
     base = load_pipeline(models.model_path, device=device)
     refs = reference_set(plan, base, cfg.concept, models.world, device)
-    scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
     cache: dict = {}
     group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs)
     a = group["attacks"][0]
