@@ -261,17 +261,42 @@ def check_real_model_outputs(out: Path, group: str) -> dict:
     return m
 
 
+def check_lora_exports(out: Path, m: dict) -> None:
+    """Every export the job wrote (rayablate.job.add_exports): the lora group's factors export exactly."""
+    assert sorted(e["kind"] for e in m["exports"]) == ["kohya", "lora", "pipeline"], m["exports"]
+    assert (out / "exports" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "exports" / "pipeline" / "model_index.json").exists()
+    lora = next(e for e in m["exports"] if e["kind"] == "lora")
+    assert lora["relative_error"] < 1e-4, lora
+    assert "## Exports" in (out / "report.md").read_text()
+
+
+def check_delta_applies(model: Path, out: Path, group: str) -> None:
+    """The saved delta, applied to a fresh pipeline, is exactly its matcher group's state."""
+    from rayablate.pipeline import apply_delta, load_pipeline, matcher_state, read_delta
+
+    pipe = load_pipeline(model)
+    tensors, _ = read_delta(out / "matcher_delta.safetensors")
+    apply_delta(pipe, out / "matcher_delta.safetensors")
+    state = matcher_state(pipe, group)
+    assert all(torch.equal(state[n], t) for n, t in tensors.items())
+
+
 @pytest.mark.slow
-def test_sd1_full_tokenizer_train_resume_and_evaluate(ray_session, sd1_path, vit_b32_clip_path, tmp_path, capfd):
-    """jobs/train.py (xattn-kv) on SD-1.x with the full tokenizer and the ViT-B-32 CLIP; the same
-    command with more steps resumes from the checkpoint; jobs/evaluate.py on the produced delta."""
+def test_sd1_full_tokenizer_lora_train_exports_resume_and_evaluate(ray_session, sd1_path, vit_b32_clip_path, tmp_path,
+                                                                  capfd):
+    """jobs/train.py (the lora group, every export) on SD-1.x with the full tokenizer and the ViT-B-32
+    CLIP; the same command with more steps resumes from the checkpoint; jobs/evaluate.py on the
+    produced delta. (SD-1.x's family run: one job serves the tokenizer, lora, exports and resume.)"""
     from rayablate.cli import main
 
-    cfg, out = concept_config(tmp_path), tmp_path / "run"
-    assert train(sd1_path, vit_b32_clip_path, cfg, out) == 0, capfd.readouterr().err[-3000:]
+    cfg, out = concept_config(tmp_path, param_group="lora"), tmp_path / "run"
+    assert train(sd1_path, vit_b32_clip_path, cfg, out, "--export", "lora,kohya,pipeline") == 0, \
+        capfd.readouterr().err[-3000:]
     first = capfd.readouterr().out
     assert "resumed from step" not in first
-    check_real_model_outputs(out, "xattn-kv")
+    check_lora_exports(out, check_real_model_outputs(out, "lora"))
+    check_delta_applies(sd1_path, out, "lora")
     assert train(sd1_path, vit_b32_clip_path, cfg, out, "--steps", "4") == 0, capfd.readouterr().err[-3000:]
     m = re.search(r"resumed from step (\d+)", capfd.readouterr().out)
     assert m and int(m.group(1)) == 2  # start_step > 0: it did not retrain from 0
@@ -285,26 +310,11 @@ def test_sd1_full_tokenizer_train_resume_and_evaluate(ray_session, sd1_path, vit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,group", [("sd1_path", "lora"), ("sd2_path", "xattn-kv"), ("sdxl_path", "xattn-kv")])
-def test_train_job_on_each_family(request, ray_session, vit_b32_clip_path, tmp_path, capfd, family, group):
-    from rayablate.pipeline import apply_delta, load_pipeline, matcher_state, read_delta
-
+@pytest.mark.parametrize("family", ["sd2_path", "sdxl_path"])  # SD-1.x: the test above
+def test_train_job_on_each_family(request, ray_session, vit_b32_clip_path, tmp_path, capfd, family):
     model = request.getfixturevalue(family)
     out = tmp_path / "run"
-    # the lora run also writes every export through the job (rayablate.job.add_exports)
-    extra = ["--export", "lora,kohya,pipeline"] if group == "lora" else []
-    code = train(model, vit_b32_clip_path, concept_config(tmp_path, param_group=group), out, *extra)
+    code = train(model, vit_b32_clip_path, concept_config(tmp_path, param_group="xattn-kv"), out)
     assert code == 0, capfd.readouterr().err[-3000:]
-    m = check_real_model_outputs(out, group)
-    if extra:
-        assert sorted(e["kind"] for e in m["exports"]) == ["kohya", "lora", "pipeline"], m["exports"]
-        assert (out / "exports" / "lora" / "pytorch_lora_weights.safetensors").exists()
-        assert (out / "exports" / "pipeline" / "model_index.json").exists()
-        lora = next(e for e in m["exports"] if e["kind"] == "lora")
-        assert lora["relative_error"] < 1e-4, lora  # the lora group's factors export exactly
-        assert "## Exports" in (out / "report.md").read_text()
-    pipe = load_pipeline(model)
-    tensors, _ = read_delta(out / "matcher_delta.safetensors")
-    apply_delta(pipe, out / "matcher_delta.safetensors")
-    state = matcher_state(pipe, group)
-    assert all(torch.equal(state[n], t) for n, t in tensors.items())
+    check_real_model_outputs(out, "xattn-kv")
+    check_delta_applies(model, out, "xattn-kv")

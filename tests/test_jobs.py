@@ -4,7 +4,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,63 +60,33 @@ def test_corrupt_parquet_row_exits_2(tmp_path):
 def check_outputs(out: Path):
     for f in ("metrics.json", "report.md", "grid.png", "loss_curve.png", "matcher_delta.safetensors", "config.yaml"):
         assert (out / f).exists(), f
-    m = json.loads((out / "metrics.json").read_text())
+    m = check_metrics(json.loads((out / "metrics.json").read_text()))
+    assert not list(out.rglob("*.tmp"))
+    return m
+
+
+def check_metrics(m: dict) -> dict:
+    """The default style job's metrics.json: every group, every metric, the wall time."""
     for group in ("target", "anchor", "neighbours.dotted", "neighbours.checkered", "paraphrases"):
         for k in ("concept_rate_before", "concept_rate_after", "clip_accuracy_before", "clip_accuracy_after",
                   "clip_score_before", "clip_score_after"):
             assert isinstance(m[group][k], float), (group, k)
     assert "kid" in m["anchor"] and "kid" in m["neighbours.dotted"]
     assert m["wall_seconds"] > 0 and m["config"]["concept"]["target"] == "striped"
-    assert not list(out.rglob("*.tmp"))
     return m
 
 
 # The end-to-end run of jobs/train.py on the bundled model (every output file and metric group,
 # through `check_outputs`) is the last, resumed run of
-# tests/test_faults.py::test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_resumes,
-# and `ray job submit` below runs it with 2 workers.
+# tests/test_faults.py::test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_resumes;
+# `ray job submit` against a started head (token auth, 2 workers) is
+# tests/test_cluster.py::test_two_node_cluster_trains_on_both_nodes_with_outputs_and_checkpoints_in_s3.
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_against_a_started_head(tmp_path):
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port, dash = free_port(), free_port()
-    import tempfile
-
-    # A short RAY_TMPDIR: Ray's unix socket paths must stay under 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    # Token auth on for head and client alike: the client then sends ~/.ray/auth_token.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="token")
-    env.pop("RAY_ADDRESS", None)
-    # The submitted `python` must be this interpreter (with the project installed), activated or not.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                            "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                            # its own job-agent port: another Ray on this machine may hold the default 52365
-                            "--dashboard-agent-listen-port", str(free_port()),
-                            "--object-store-memory", str(300 * 1024 ** 2), "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr
-    out = tmp_path / "submitted"
-    try:
-        for _ in range(12):  # right after `ray start` the job agent may not be up yet ("No available agent")
-            sub = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                                  ".", "--", "python", "jobs/train.py", *TINY, "--output-dir", str(out)],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-            if "No available agent" not in sub.stdout + sub.stderr:
-                break
-            time.sleep(5)
-        assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
-        assert "succeeded" in (sub.stdout + sub.stderr).lower()  # "Job 'raysubmit_...' succeeded"
-        check_outputs(out)
-    finally:
-        stop_ray_under(ray_tmp)
 
 
 def _has_open_file_under(proc: Path, prefix: str) -> bool:
