@@ -86,7 +86,7 @@ def test_in_process_api_and_the_ray_job_give_the_same_delta(tmp_path):
     from rayablate.toyworld import bundle_paths
 
     cfg_path = tmp_path / "small.yaml"
-    cfg_path.write_text("steps: 12\nbatch_size: 4\nnum_anchor_images: 16\nnum_preservation_images: 8\n"
+    cfg_path.write_text("steps: 12\nbatch_size: 4\nnum_anchor_images: 16\nnum_preservation_images: 8\nanchor_steps: 4\n"
                         "eval_images: 2\neval_steps: 2\nreport_every: 4\ncheckpoint_every: 12\n")
     r = run_job(["jobs/train.py", "--config", str(cfg_path), "--num-workers", "1", "--zero-stage", "0",
                  "--output-dir", str(tmp_path / "job")])
