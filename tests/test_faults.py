@@ -208,6 +208,7 @@ report_every: 2
 batch_size: 4
 num_workers: 1
 num_anchor_images: 8
+num_preservation_images: 8
 anchor_steps: 4
 eval_images: 4
 eval_steps: 4
