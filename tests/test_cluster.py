@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from local_ray import start_local_ray
-from test_jobs import TINY, check_metrics, stop_ray_under
+from test_jobs import OUTPUT_FILES, TINY, check_metrics, stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -441,7 +441,7 @@ def test_two_node_cluster_trains_on_both_nodes_with_outputs_and_checkpoints_in_s
         stop_ray_under(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     stored = keys(s3["client"], "two-node/")
-    for f in ("metrics.json", "report.md", "grid.png", "loss_curve.png", "matcher_delta.safetensors", "config.yaml"):
+    for f in OUTPUT_FILES:
         assert f"two-node/{f}" in stored, (f, stored[:20])
     assert any(k.startswith("two-node/ray/striped/checkpoint_") for k in stored), stored[:40]
     assert not [k for k in stored if ".tmp" in k], stored

@@ -57,8 +57,12 @@ def test_corrupt_parquet_row_exits_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# What every finished jobs/train.py run writes into its output folder.
+OUTPUT_FILES = ("metrics.json", "report.md", "grid.png", "loss_curve.png", "matcher_delta.safetensors", "config.yaml")
+
+
 def check_outputs(out: Path):
-    for f in ("metrics.json", "report.md", "grid.png", "loss_curve.png", "matcher_delta.safetensors", "config.yaml"):
+    for f in OUTPUT_FILES:
         assert (out / f).exists(), f
     m = check_metrics(json.loads((out / "metrics.json").read_text()))
     assert not list(out.rglob("*.tmp"))
