@@ -4,9 +4,10 @@
     python benchmarks/robust_batch.py --inits target --images 16 --output-dir /tmp/rb
 
 Runs `jobs/batch_ablate.py` on a two-concept batch of the toy world (the default style `striped`,
-the default instance `zorb`) with `robust: true` for every concept (one Ray Train worker each, both
-in flight; the least-squares merge; no joint run), then attacks, for each concept, its own robust
-delta ("separate") and the merged model ("merged") with the strongest concept inversions of
+the default instance `zorb`) with `robust: true` for every concept (each with the job's two Ray Train
+workers, so its steps see the job's rows; one concept at a time; the least-squares merge and the naive
+sum; no joint run), then attacks, for each concept, its own robust delta ("separate"), the merged model
+("merged") and the naive sum ("sum") with the strongest concept inversions of
 `benchmarks/robustness.py` (4 vectors, 600 steps at batch 32, lr 1e-2, t in [400, 1000)), each
 also on the base model (the sanity check; once per concept and attack). Prints, per concept and
 model: the plain word's rate, the lowest kept rate of the anchor and neighbours (the batch's own
@@ -33,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BATCH = {
-    "batch": {"max_concurrent": 2, "cpus_per_worker": 0.49, "merge": True, "evaluate_sum": False, "joint": False},
-    "defaults": {"robust": True, "num_workers": 1, "eval_images": 32},
+    # one robust run at a time on its two workers: at one worker each (8 ablation rows a step instead of 16),
+    # the target-started inversion brought the separate deltas back to 12 % / 44 % (the job: 6 % / 3 %)
+    "batch": {"max_concurrent": 1, "cpus_per_worker": 0.49, "merge": True, "evaluate_sum": True, "joint": False},
+    "defaults": {"robust": True, "eval_images": 32},
     "concepts": [
         {"concept": {"target": "striped", "anchor": "plain", "kind": "style", "neighbours": ["dotted", "checkered"]}},
         {"concept": {"target": "zorb", "anchor": "circle", "kind": "instance", "neighbours": ["kubo", "square"]},
@@ -56,6 +59,7 @@ def main() -> int:
     ap.add_argument("--inits", default="target,anchor", help="inversions to run, by init")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
+    ap.add_argument("--models", default="separate,merged,sum", help="models to attack: separate, merged, sum")
     args = ap.parse_args()
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,11 +94,14 @@ def main() -> int:
         plan = AttackPlan(inversions=inversions, prompt=None, num_images=args.images, seed=cfg.eval_seed)
         cache: dict = {}
         res = results["concepts"][name] = {}
-        for model, delta, metrics in [
-                ("separate", out / "batch" / "concepts" / name / "matcher_delta.safetensors",
-                 out / "batch" / "concepts" / name / "metrics.json"),
-                ("merged", out / "batch" / "merged" / "merged_delta.safetensors",
-                 out / "batch" / "merged" / "eval" / name / "metrics.json")]:
+        variants = {"separate": (out / "batch" / "concepts" / name / "matcher_delta.safetensors",
+                                 out / "batch" / "concepts" / name / "metrics.json"),
+                    "merged": (out / "batch" / "merged" / "merged_delta.safetensors",
+                               out / "batch" / "merged" / "eval" / name / "metrics.json"),
+                    "sum": (out / "batch" / "merged" / "sum_delta.safetensors",
+                            out / "batch" / "merged" / "sum_eval" / name / "metrics.json")}
+        for model in args.models.split(","):
+            delta, metrics = variants[model]
             m = json.loads(metrics.read_text())
             edited = load_pipeline(bundle_paths()["sd"])
             apply_delta(edited, str(delta))
@@ -113,16 +120,18 @@ def markdown(results: dict) -> str:
     def pct(v):
         return f"{100 * v:.0f} %"
 
-    lines = [f"batch of 2 robust concepts (separate runs + least-squares merge): {results['batch_wall_s']:.0f} s"]
+    heads = {"separate": "separate (robust)", "merged": "least-squares merge", "sum": "naive sum"}
+    lines = [f"batch of 2 robust concepts (separate runs, merged): {results['batch_wall_s']:.0f} s"]
     for name, res in results["concepts"].items():
-        s, m = res["separate"], res["merged"]
-        lines += [f"\n**{name}**\n", "| | separate (robust) | merged (robust) | base model |", "|---|---|---|---|",
-                  f"| plain word | {pct(s['plain'])} | {pct(m['plain'])} | |",
-                  f"| kept (min anchor / neighbours) | {pct(s['kept'])} | {pct(m['kept'])} | |"]
-        for a, b in zip(s["attacks"], m["attacks"]):
-            lines.append(f"| {a['label']} | {pct(a['rate'])} | {pct(b['rate'])} | {pct(a['base_rate'])} |")
+        models = list(res)
+        lines += [f"\n**{name}**\n", "| | " + " | ".join(heads[m] for m in models) + " | base model |",
+                  "|---" * (len(models) + 2) + "|",
+                  "| plain word | " + " | ".join(pct(res[m]["plain"]) for m in models) + " | |",
+                  "| kept (min anchor / neighbours) | " + " | ".join(pct(res[m]["kept"]) for m in models) + " | |"]
+        for i, a in enumerate(res[models[0]]["attacks"]):
+            lines.append(f"| {a['label']} | " + " | ".join(pct(res[m]["attacks"][i]["rate"]) for m in models)
+                         + f" | {pct(a['base_rate'])} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -125,11 +125,14 @@ def merge_tensors(base: dict[str, torch.Tensor], deltas: list[dict[str, torch.Te
 # --- on a pipeline ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def caption_embeddings(pipe, captions: Iterable[str], batch: int = 64) -> torch.Tensor:
+def caption_embeddings(pipe, captions: Iterable[str], batch: int = 64, soft=None) -> torch.Tensor:
     """Every token's conditioning vector (what attn2.to_k/to_v read) for `captions`: (n_tokens x d).
 
-    All positions are kept, padding included: the UNet attends to every one of them.
+    All positions are kept, padding included: the UNet attends to every one of them. `soft`: a
+    `SoftTokens` whose new tokens the captions may contain (an attacker's, see below).
     """
+    import contextlib
+
     from .pipeline import text_encoders
     from .conditioning import PromptEncoder
 
@@ -137,13 +140,48 @@ def caption_embeddings(pipe, captions: Iterable[str], batch: int = 64) -> torch.
     enc = PromptEncoder(pipe)
     encoders = [m for _, m in text_encoders(pipe)]
     out = []
-    for i in range(0, len(captions), batch):
-        ids = enc.tokenize(captions[i:i + batch], "cpu")
-        h, _ = enc.encode(encoders, ids)
-        out.append(h.reshape(-1, h.shape[-1]).to(torch.float64))
+    with soft.installed(encoders) if soft is not None else contextlib.nullcontext():
+        for i in range(0, len(captions), batch):
+            chunk = captions[i:i + batch]
+            ids = soft.tokenize(chunk, "cpu") if soft is not None else enc.tokenize(chunk, "cpu")
+            h, _ = enc.encode(encoders, ids)
+            out.append(h.reshape(-1, h.shape[-1]).to(torch.float64))
     if not out:
         raise ValueError("no captions to embed")
     return torch.cat(out)
+
+
+def attacker_token_sets(pipe, attacker_file: str | Path) -> list:
+    """Every set of soft tokens a robust run's inner attacker ended with (`robust_attacker.pt`: each
+    rank's state, one set per robust init), as `SoftTokens` of `pipe`."""
+    from .soft_tokens import SoftTokens
+
+    states = torch.load(attacker_file, map_location="cpu", weights_only=True)
+    sets = []
+    for rank in sorted(states):
+        state = states[rank]
+        for k in sorted({n.split(".", 1)[0] for n in state if n != "current"}, key=int):
+            own = {n.split(".", 1)[1]: v for n, v in state.items() if n.startswith(f"{k}.")}
+            soft = SoftTokens.for_pipeline(pipe, own["vectors.0"].shape[0])  # one tensor per text encoder
+            soft.load_state(own)
+            sets.append(soft)
+    return sets
+
+
+def adversarial_embeddings(pipe, attacker_file: str | Path, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
+    """The conditioning the inner attacker found against a robust run: each ablation caption with its
+    concept's words replaced by each final set of soft tokens (as in training, `robust.adversarial_caption`).
+    `pairs`: (ablation caption, its anchor caption). Returns (embeddings, number of captions)."""
+    from .robust import adversarial_caption
+
+    if not pairs:
+        raise ValueError("no ablation captions to place the attacker's tokens in")
+    out, n = [], 0
+    for soft in attacker_token_sets(pipe, attacker_file):
+        caps = sorted({adversarial_caption(t, a, soft.text) for t, a in pairs})
+        out.append(caption_embeddings(pipe, caps, soft=soft))
+        n += len(caps)
+    return torch.cat(out), n
 
 
 def base_tensors(pipe, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -160,8 +198,14 @@ def base_tensors(pipe, names: Iterable[str]) -> dict[str, torch.Tensor]:
 
 def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions: list[list[str]],
                       preserve_captions: list[str], out_ls: str | Path, out_sum: str | Path | None = None,
-                      lam: float = 1.0, ridge: float = 1e-3, prior: str = "sum") -> dict:
-    """Merge delta files of one base model; write the least-squares merge (and the naive sum)."""
+                      lam: float = 1.0, ridge: float = 1e-3, prior: str = "sum",
+                      adversarial: list[tuple[str, list[tuple[str, str]]] | None] | None = None) -> dict:
+    """Merge delta files of one base model; write the least-squares merge (and the naive sum).
+
+    `adversarial[i]`: for a robust delta, (its `robust_attacker.pt`, its (ablation, anchor) caption
+    pairs): the attacker's conditioning joins concept i's rows, so the merged weight maps what the
+    attack found the way the robust delta does (fitting the plain captions alone lost the robustness).
+    """
     from .pipeline import load_pipeline, read_delta, write_delta_file
 
     if len(delta_paths) != len(concept_captions):
@@ -174,7 +218,17 @@ def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions:
         groups.add(meta.get("group", ""))
     names = sorted({n for d in deltas for n in d})
     base = base_tensors(pipe, names)
-    grams = [gram(caption_embeddings(pipe, caps)) for caps in concept_captions]
+    adversarial = adversarial or [None] * len(delta_paths)
+    if len(adversarial) != len(delta_paths):
+        raise ValueError("one adversarial entry (or None) per delta is needed")
+    grams, num_adv = [], []
+    for caps, adv in zip(concept_captions, adversarial):
+        g, n_adv = gram(caption_embeddings(pipe, caps)), 0
+        if adv is not None:  # the plain and the attacked captions weigh the same, together as one concept
+            adv_rows, n_adv = adversarial_embeddings(pipe, *adv)
+            g = (g + gram(adv_rows)) / 2
+        num_adv.append(n_adv)
+        grams.append(g)
     gram0 = gram(caption_embeddings(pipe, preserve_captions)) if preserve_captions else None
     merged, report = merge_tensors(base, deltas, grams, gram0, lam, ridge, prior)
     group = groups.pop() if len(groups) == 1 else "mixed"
@@ -194,4 +248,5 @@ def merge_delta_files(model_path: str, delta_paths: list[str], concept_captions:
         report["relative_residual"][str(i)] = (num / den) if den > 0 else None
     report["num_preserve_captions"] = len(preserve_captions)
     report["num_concept_captions"] = [len(c) for c in concept_captions]
+    report["num_adversarial_captions"] = num_adv
     return report
