@@ -79,6 +79,8 @@ def _config(concept: ConceptSpec, config: AblationConfig | None, overrides: dict
     """The concept and settings as one validated config: ConfigError names a bad field."""
     data = to_dict(config) if config is not None else {}  # unset fields: defaults (and robust mode's)
     data["concept"] = dataclasses.asdict(concept)
+    if concept.anchor_kind != "text" and concept.anchor == ConceptSpec.anchor:
+        del data["concept"]["anchor"]  # Concept(target=..., anchor_kind="empty"): the default word is not given
     data.update(overrides)
     return config_from_dict(data)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .prompts import _replace_words
+from .prompts import _replace_words, anchor_texts
 from .sampling import prompt_seed, sample_images
 from .soft_tokens import SoftTokens, denoising_loss
 
@@ -162,8 +162,8 @@ def _latent_stats(pipe, images: np.ndarray, device) -> tuple[torch.Tensor, torch
 
 
 def init_words(spec, world, init: str) -> list[str]:
-    if init == "anchor":
-        return [spec.anchor]
+    if init == "anchor":  # no anchor word (anchor_kind empty, blank, noise): a random start
+        return [spec.anchor] if spec.anchor else []
     if init == "target":
         return [spec.target]
     return []
@@ -240,7 +240,7 @@ class AttackJudge:
         if self.judge is not None:
             return self.judge.concept_rate(images, self.spec.target)
         return self.scorer.clip_accuracy(images, self.world.concept_texts(self.spec.target),
-                                         self.world.concept_texts(self.spec.anchor))
+                                         anchor_texts(self.spec, self.world))
 
     def score(self, images: np.ndarray) -> float:
         if self.judge is not None and hasattr(self.judge, "probabilities"):
@@ -253,7 +253,7 @@ class AttackJudge:
             return float(p.mean()) + self.rate(images)
         emb = self.scorer.encode_images(images)
         t = self.scorer.concept_embedding(self.world.concept_texts(self.spec.target))
-        a = self.scorer.concept_embedding(self.world.concept_texts(self.spec.anchor))
+        a = self.scorer.concept_embedding(anchor_texts(self.spec, self.world))
         return float((emb @ t - emb @ a).mean()) + self.rate(images)
 
 

@@ -16,6 +16,8 @@ EXIT_BAD_INPUT = 2
 OVERRIDES = {
     "target": ("concept.target", str, "the concept to remove"),
     "anchor": ("concept.anchor", str, "what to draw instead"),
+    "anchor_kind": ("concept.anchor_kind", str, "text (the --anchor word) | empty (the empty prompt) | blank (a blank "
+                                                "canvas) | noise (noise images); the last three take no --anchor"),
     "kind": ("concept.kind", str, "style | instance | memorized | unsafe"),
     "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
     "method": ("method", str, "train (the trained matcher) | closed-form (a one-shot least-squares edit of the "

@@ -20,6 +20,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MATCH_MODES = ("model", "noise")
 ROBUST_INITS = ("anchor", "target", "random")
 METHODS = ("train", "closed-form")
+# What the ablated target is taught to look like (docs/design.md#anchor-kinds): "text", the anchor
+# concept's captions; "empty", the empty prompt (the model's unconditional prediction, as ESD does);
+# "blank", a blank canvas; "noise", random-noise images. blank and noise are images with no caption.
+ANCHOR_KINDS = ("text", "empty", "blank", "noise")
+IMAGE_ANCHORS = ("blank", "noise")
+# What an image anchor (blank, noise) changes when the config does not set it: with no anchor caption
+# there is no teacher prediction to match (match: noise instead), and the terms that compare with
+# eps_0(anchor caption) or train the anchor caption on the anchor image are off: the anchor
+# regularizer would teach the empty prompt to draw blank canvases, the contrastive margin and the
+# discriminator have no anchor prediction to compare with.
+IMAGE_ANCHOR_DEFAULTS = {"match": "noise", "w_reg": 0.0, "w_con": 0.0, "w_adv": 0.0}
 INITS = ("base", "closed-form")
 MAX_PROMPT_CHARS = 1000
 
@@ -37,8 +48,9 @@ class ConceptSpec:
     """What to remove (`target`), what to draw instead (`anchor`), and what must survive."""
 
     target: str = "striped"
-    anchor: str = "plain"
+    anchor: str = "plain"  # the anchor concept's word (anchor_kind text); empty for the other kinds
     kind: str = "style"
+    anchor_kind: str = "text"  # text | empty | blank | noise (ANCHOR_KINDS)
     name: str = ""  # a file-system-safe id; derived from target when empty
     # Captions that contain the target. Empty: built from `templates` or the toy world.
     prompts: list[str] = dataclasses.field(default_factory=list)
@@ -190,6 +202,12 @@ def config_from_dict(data: dict) -> AblationConfig:
     if data.get("robust") is True:
         for k, v in ROBUST_DEFAULTS.items():
             data.setdefault(k, v)
+    concept = data.get("concept")
+    if isinstance(concept, dict) and concept.get("anchor_kind", "text") in ANCHOR_KINDS[1:]:
+        data["concept"] = concept = {"anchor": "", **concept}  # no anchor word unless one is given (refused)
+        if concept["anchor_kind"] in IMAGE_ANCHORS:
+            for k, v in IMAGE_ANCHOR_DEFAULTS.items():
+                data.setdefault(k, v)
     cfg = _from_dict(AblationConfig, data, "")
     validate(cfg)
     return cfg
@@ -274,9 +292,16 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
     c = cfg.concept
     if not c.target.strip():
         raise ConfigError("concept.target", "must not be empty")
-    if not c.anchor.strip():
-        raise ConfigError("concept.anchor", "must not be empty")
-    if c.target.strip().lower() == c.anchor.strip().lower():
+    if c.anchor_kind not in ANCHOR_KINDS:
+        raise ConfigError("concept.anchor_kind", f"unknown anchor kind {c.anchor_kind!r}; allowed: "
+                                                 f"{', '.join(ANCHOR_KINDS)}")
+    if c.anchor_kind == "text" and not c.anchor.strip():
+        raise ConfigError("concept.anchor", "must not be empty (or set concept.anchor_kind: empty for the empty "
+                                            "prompt, blank or noise for an anchor image)")
+    if c.anchor_kind != "text" and c.anchor.strip():
+        raise ConfigError("concept.anchor", f"anchor_kind {c.anchor_kind} has no anchor word, got {c.anchor!r}: "
+                                            "leave concept.anchor out, or use anchor_kind: text")
+    if c.anchor_kind == "text" and c.target.strip().lower() == c.anchor.strip().lower():
         raise ConfigError("concept.anchor", f"must differ from concept.target (both are {c.target!r})")
     if c.kind not in KINDS:
         raise ConfigError("concept.kind", f"unknown kind {c.kind!r}; allowed: {', '.join(KINDS)}")
@@ -310,6 +335,12 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
                                   f"{cfg.param_group!r} does not train; use xattn-kv, xattn or full")
     if cfg.match not in MATCH_MODES:
         raise ConfigError("match", f"unknown match mode {cfg.match!r}; allowed: {', '.join(MATCH_MODES)}")
+    _validate_image_anchor(cfg)
+    if cfg.robust and cfg.concept.anchor_kind != "text":
+        # the inner attacker puts its tokens where the caption differs from its anchor caption, and
+        # starts one set from the anchor word: neither exists for an empty or image anchor
+        raise ConfigError("robust", f"robust ablation needs a text anchor (anchor_kind text), got anchor_kind "
+                                    f"{cfg.concept.anchor_kind}")
     for name in ("lr_matcher", "lr_disc"):
         v = getattr(cfg, name)
         if not (v > 0) or not math.isfinite(v):
@@ -343,6 +374,26 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         raise ConfigError("guidance_scale", f"must be >= 1, got {cfg.guidance_scale}")
     _validate_robust(cfg)
     return cfg
+
+
+def _validate_image_anchor(cfg: AblationConfig) -> None:
+    """blank / noise anchors are images with no caption: what needs an anchor caption is refused."""
+    kind = cfg.concept.anchor_kind
+    if kind not in IMAGE_ANCHORS:
+        return
+    why = f"anchor_kind {kind} is an image with no anchor caption"
+    if cfg.method == "closed-form" or cfg.init == "closed-form":
+        raise ConfigError("method" if cfg.method == "closed-form" else "init",
+                          f"{why}, and the closed-form edit maps captions to the anchor caption's keys/values; "
+                          "use anchor_kind text or empty, or method: train with init: base")
+    if cfg.match == "model":
+        raise ConfigError("match", f"{why}: the model-based match needs eps_0(anchor caption) as its teacher; "
+                                   "use match: noise (the default for image anchors)")
+    for name, what in (("w_reg", "would train the empty caption to draw the anchor image"),
+                       ("w_con", "compares with eps_0(anchor caption)"),
+                       ("w_adv", "compares with the teacher's anchor prediction")):
+        if getattr(cfg, name) > 0:
+            raise ConfigError(name, f"{why}: this term {what}; set {name}: 0 (the default for image anchors)")
 
 
 def _validate_robust(cfg: AblationConfig) -> None:

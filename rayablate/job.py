@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import AblationConfig, ConfigError, save_config
+from .prompts import anchor_label
 from .report import console_summary
 from .worlds import PromptWorld, world_for
 
@@ -116,7 +117,7 @@ def check_prompt_lengths(spec, model_path: str) -> None:
         named += [(f"concept.prompt_file ({spec.prompt_file}) line {i + 1}", p)
                   for i, p in enumerate(read_prompt_file(spec.prompt_file))]
     named += [(f"concept.templates[{i}]", t.format(w)) for i, t in enumerate(spec.templates)
-              for w in (spec.target, spec.anchor)]
+              for w in (spec.target, spec.anchor) if w]
     for field, text in named:
         n = len(tok(text, truncation=False, verbose=False).input_ids)
         if n > limit:
@@ -374,7 +375,8 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     init_ray()
     if not is_verbose():
         quiet_libraries()  # ray.init adds console handlers of its own
-    _say(f"ablating {cfg.concept.target!r} -> {cfg.concept.anchor!r} in {models.model_path}")
+    _say(f"ablating {cfg.concept.target!r} -> {anchor_label(cfg.concept.anchor, cfg.concept.anchor_kind)} "
+         f"in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
                          run_name=run_name, worker_resources=worker_resources, started=t0)
     metrics = result["metrics"]

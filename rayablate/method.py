@@ -31,7 +31,7 @@ import torch
 
 from . import losses as L
 from .conditioning import MatcherModule, PromptEncoder
-from .config import AblationConfig
+from .config import IMAGE_ANCHORS, AblationConfig
 from .discriminator import LatentDiscriminator
 from .pipeline import export_delta, matcher_state, set_matcher, text_encoders
 
@@ -254,6 +254,23 @@ class Ablation:
             "mask": torch.tensor(np.asarray(batch["mask"], dtype=np.float32), device=self.device),
         }
 
+    def anchor_images(self, images: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        """The step's images with an image anchor (anchor_kind blank or noise) in place of every
+        ablation row's: a blank (white) canvas, or uniform pixel noise drawn for this (rank, step),
+        at the rows' resolution. Other anchor kinds: the images as they are."""
+        kind = self.cfg.concept.anchor_kind
+        rows = mask > 0.5
+        if kind not in IMAGE_ANCHORS or not bool(rows.any()):
+            return images
+        out = images.clone()
+        if kind == "blank":
+            out[rows] = 1.0
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed + 5, self.rank, step))
+            noise = torch.rand(out[rows].shape, generator=gen, device=self.device, dtype=out.dtype)
+            out[rows] = noise * 2.0 - 1.0
+        return out
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         vc = self.vae.config
@@ -322,7 +339,7 @@ class Ablation:
         """
         cfg = self.cfg
         mask = batch["mask"]
-        z_t, t, target = self._noised(batch["images"], step)
+        z_t, t, target = self._noised(self.anchor_images(batch["images"], mask, step), step)
         abl = (mask > 0.5).nonzero().squeeze(1)  # ablation rows, for terms only they take part in
         has_abl = abl.numel() > 0
         # Every rank must run the same matcher forwards (ZeRO-3 gathers parameters in each one, a
@@ -420,7 +437,7 @@ class Ablation:
 
     def delta_metadata(self, step: int) -> dict[str, str]:
         c = self.cfg.concept
-        meta = {"step": str(step), "target": c.target, "anchor": c.anchor, "param_group": self.cfg.param_group}
+        meta = {"step": str(step), "target": c.target, "anchor": c.anchor, "anchor_kind": c.anchor_kind, "param_group": self.cfg.param_group}
         if self.cfg.param_group == "lora":  # the rank of the factors, for an exact LoRA export
             meta["lora_rank"] = str(self.cfg.lora_rank)
         return meta

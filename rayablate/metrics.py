@@ -27,7 +27,9 @@ def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
 
 def group_metrics(group, imgs: dict[str, np.ndarray], spec, scorer, judge, world, with_kid: bool) -> dict:
     """One group's metrics for its "before" and (when present) "after" images."""
-    t_texts, a_texts = world.concept_texts(spec.target), world.concept_texts(spec.anchor)
+    from .prompts import anchor_texts
+
+    t_texts, a_texts = world.concept_texts(spec.target), anchor_texts(spec, world)
     m: dict = {"concept": group.concept, "n": len(group.prompts)}
     for when in ("before", "after"):
         if when not in imgs:
@@ -35,6 +37,8 @@ def group_metrics(group, imgs: dict[str, np.ndarray], spec, scorer, judge, world
         x = imgs[when]
         if judge is not None:
             m[f"concept_rate_{when}"] = judge.concept_rate(x, group.concept)
+            if group.name == "target" and hasattr(judge, "draws"):  # what the target's prompts now draw
+                m[f"draws_{when}"] = judge.draws(x, group.concept)
         m[f"clip_accuracy_{when}"] = scorer.clip_accuracy(x, t_texts, a_texts)
         m[f"clip_score_{when}"] = scorer.clip_score(x, group.prompts)
     if with_kid and "after" in imgs:

@@ -22,10 +22,30 @@ def _replace_words(text: str, words: list[str], by: str) -> tuple[str, bool]:
 
 def anchorize(caption: str, spec: ConceptSpec, more_words: list[str] = ()) -> str:
     """The caption with the target, its synonyms and paraphrases (and `more_words`) replaced by the
-    anchor; the anchor appended where none of them occurs."""
+    anchor; the anchor appended where none of them occurs. With no anchor word (anchor_kind empty,
+    blank, noise): the empty caption."""
+    if spec.anchor_kind != "text":
+        return ""
     words = [spec.target, *spec.synonyms, *spec.paraphrases, *more_words]
     out, hit = _replace_words(caption, words, spec.anchor)
     return out if hit else f"{caption}, {spec.anchor}"
+
+
+ANCHOR_LABELS = {"empty": "the empty prompt", "blank": "a blank image", "noise": "noise images"}
+
+
+def anchor_label(anchor: str, anchor_kind: str = "text") -> str:
+    """How the anchor reads in logs and reports: 'plain', or e.g. the empty prompt."""
+    return repr(anchor) if anchor_kind == "text" else ANCHOR_LABELS[anchor_kind]
+
+
+def anchor_texts(spec: ConceptSpec, world) -> list[str]:
+    """What CLIP accuracy ranks the target against: the anchor's prompt ensemble, or for an anchor
+    with no word a description of what is drawn instead."""
+    if spec.anchor_kind == "text":
+        return world.concept_texts(spec.anchor)
+    return {"empty": ["an image", "a picture"], "blank": ["a blank white image", "an empty canvas"],
+            "noise": ["random noise", "an image of noise"]}[spec.anchor_kind]
 
 
 def read_prompt_file(path: str | Path, field: str = "concept.prompt_file") -> list[str]:
@@ -43,18 +63,21 @@ def has_own_prompts(spec: ConceptSpec) -> bool:
 
 
 def caption_pairs(spec: ConceptSpec, n: int, seed: int) -> list[tuple[str, str]]:
-    """`n` (target caption c*, anchor caption c) pairs from the concept's prompts and templates."""
+    """`n` (target caption c*, anchor caption c) pairs from the concept's prompts and templates;
+    c is "" when the anchor is not a text (anchor_kind empty, blank, noise)."""
     rng = np.random.default_rng(seed)
     base: list[tuple[str, str]] = []
     prompts = list(spec.prompts) + (read_prompt_file(spec.prompt_file) if spec.prompt_file else [])
     for p in prompts:
-        if spec.kind == "instance" and re.search(rf"\b{re.escape(spec.anchor)}\b", p, re.IGNORECASE) \
+        if spec.anchor_kind != "text":
+            base.append((p, ""))
+        elif spec.kind == "instance" and re.search(rf"\b{re.escape(spec.anchor)}\b", p, re.IGNORECASE) \
                 and not re.search(rf"\b{re.escape(spec.target)}\b", p, re.IGNORECASE):
             base.append((_replace_words(p, [spec.anchor], spec.target)[0], p))  # anchor word -> target
         else:
             base.append((p, anchorize(p, spec)))
     for t in spec.templates:
-        base.append((t.format(spec.target), t.format(spec.anchor)))
+        base.append((t.format(spec.target), t.format(spec.anchor) if spec.anchor_kind == "text" else ""))
     if base:
         order = rng.permutation(len(base))
         return [base[order[i % len(base)]] for i in range(n)]
@@ -80,10 +103,11 @@ class EvalGroup:
 
 
 def eval_groups(spec: ConceptSpec, n: int, seed: int) -> list[EvalGroup]:
-    """Prompt groups for evaluation: target, anchor, each neighbour, paraphrases."""
+    """Prompt groups for evaluation: target, anchor (a text anchor only), each neighbour, paraphrases."""
     pairs = caption_pairs(spec, n, seed)
-    groups = [EvalGroup("target", spec.target, [c for c, _ in pairs]),
-              EvalGroup("anchor", spec.anchor, [a for _, a in pairs])]
+    groups = [EvalGroup("target", spec.target, [c for c, _ in pairs])]
+    if spec.anchor_kind == "text":
+        groups.append(EvalGroup("anchor", spec.anchor, [a for _, a in pairs]))
     for nb in spec.neighbours:
         groups.append(EvalGroup(f"neighbours.{nb}", nb, _templated(spec, [nb], n)))
     if spec.paraphrases:

@@ -78,7 +78,10 @@ def _method_line(cfg: dict, metrics: dict) -> str:
 def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) -> str:
     """report.md of one concept. `judge_note` says what the judge's concept rate means (the world's)."""
     cfg = metrics["config"]
-    lines = [f"# Ablation report: {cfg['concept']['target']!r} -> {cfg['concept']['anchor']!r}", "",
+    from .prompts import anchor_label
+
+    c = cfg["concept"]
+    lines = [f"# Ablation report: {c['target']!r} -> {anchor_label(c['anchor'], c.get('anchor_kind', 'text'))}", "",
              _method_line(cfg, metrics), ""]
     if has_judge(metrics):
         rows = [[g.name, metrics[g.name]["concept"], *(metrics[g.name].get(k) for k in GROUP_KEYS)] for g in groups]
@@ -90,6 +93,9 @@ def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) 
         lines += [markdown_table(CLIP_HEADERS, rows), "",
                   "No judge for this model (no attribute probe), so the concept is measured by CLIP:", "",
                   *(f"- {n}" for n in CLIP_NOTES)]
+    draws = draws_line(metrics.get("target", {}))
+    if draws:
+        lines += ["", draws]
     lines += ["", "![before/after](grid.png)", ""]
     if "restarts" in metrics:
         n = metrics["restarts"]
@@ -97,6 +103,19 @@ def report_markdown(metrics: dict, groups: list, judge_note: str | None = None) 
             f" (a worker failed {n} time(s); Ray Train restarted the worker group from the latest checkpoint "
             "and the run completed)" if n else ""))
     return "\n".join(lines) + "\n"
+
+
+def draws_line(target: dict) -> str:
+    """What the target's prompts draw before and after, by the judge (the toy world's probe): the
+    values of the target's attribute each image reads as, largest first."""
+    if "draws_after" not in target:
+        return ""
+
+    def top(d):
+        return ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v > 0)
+
+    return (f"What the target's prompts draw ({target.get('concept')}'s attribute, by the judge): before: "
+            f"{top(target['draws_before'])}; after: {top(target['draws_after'])}.")
 
 
 def console_summary(metrics: dict) -> str:

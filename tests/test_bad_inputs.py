@@ -179,6 +179,14 @@ CATALOGUE = [
     ("concept-name-dotdot", "train", yaml_file("concept:\n  name: ../../escape\n"),
      r"concept\.name: '\.\./\.\./escape' is not a safe name.*no '/' or '\.\.'"),
     ("concept-name-slash", "train", yaml_file("concept:\n  name: a/b\n"), r"concept\.name: 'a/b' is not a safe name"),
+    # anchor kinds
+    ("anchor-kind-unknown", "train", flags("--anchor-kind", "photo"), r"concept\.anchor_kind: unknown anchor kind 'photo'"),
+    ("blank-anchor-model-match", "train", yaml_file("concept:\n  anchor_kind: blank\nmatch: model\n"),
+     r"match: anchor_kind blank is an image with no anchor caption: the model-based match needs eps_0"),
+    ("empty-anchor-with-word", "train", yaml_file("concept:\n  anchor_kind: empty\n  anchor: plain\n"),
+     r"concept\.anchor: anchor_kind empty has no anchor word"),
+    ("noise-anchor-contrastive", "train", yaml_file("concept:\n  anchor_kind: noise\nw_con: 0.1\n"),
+     r"w_con: anchor_kind noise is an image with no anchor caption"),
     # values
     ("steps-zero", "train", flags("--steps", "0"), r"steps: must be >= 1, got 0"),
     ("workers-zero", "train", flags("--num-workers", "0"), r"num_workers: must be >= 1"),

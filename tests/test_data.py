@@ -125,3 +125,55 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", ToyWorld())
     rows1 = pq.read_table(str(out1)).to_pylist()
     assert all(r["mask"] == 0 and r["anchor_caption"] == r["target_caption"] for r in rows1)
+
+
+# --- anchor kinds ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["empty", "blank", "noise"])
+def test_anchor_kinds_without_a_word_build_rows_with_the_empty_anchor_caption(kind):
+    """No anchor word: every ablation row's anchor caption is "" (the empty prompt; for image anchors
+    the caption the images are generated from when a row is kept), a preservation row that the CLIP
+    mask flags is anchored to "" too, and there is no anchor group to evaluate."""
+    from rayablate.data import prompt_rows
+
+    cfg = config_from_dict({"concept": {"anchor_kind": kind}, "num_anchor_images": 12, "num_preservation_images": 6})
+    assert cfg.concept.anchor == "" and (cfg.match == "noise") == (kind != "empty")
+    for world in (ToyWorld(), PromptWorld()):
+        if type(world) is PromptWorld:
+            cfg.concept.templates = ["a house, in the style of {}"]
+            cfg.concept.neighbours = ["cubism"]
+        rows = prompt_rows(cfg, world)
+        abl = rows[:12]
+        assert all(r["anchor_caption"] == "" and r["anchor_if_ablated"] == "" for r in abl)
+        assert all("striped" in r["target_caption"] or "stripes" in r["target_caption"] for r in abl)
+        assert all(r["anchor_if_ablated"] == "" and r["anchor_caption"] == r["target_caption"] for r in rows[12:])
+        assert "anchor" not in [g.name for g in world.eval_groups(cfg.concept, 4, 0)]
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "blank", "noise"])
+def test_image_anchors_replace_the_ablation_rows_images_at_the_models_resolution(kind, tiny_sd_path):
+    """blank: a white canvas, noise: uniform noise drawn per (rank, step), in every ablation row (mask 1)
+    and in no other; text and empty keep the generated images."""
+    import torch
+
+    from rayablate.method import Ablation
+    from rayablate.pipeline import load_pipeline
+
+    data = {"concept": {"anchor_kind": kind}} if kind != "text" else {}
+    ab = Ablation(load_pipeline(tiny_sd_path), config_from_dict({**data, "w_adv": 0.0}))
+    res = ab.vae.config.sample_size if hasattr(ab.vae.config, "sample_size") else 32
+    images = torch.rand(4, 3, res, res) * 0.2 - 0.1  # stand-ins for generated images
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    out = ab.anchor_images(images, mask, step=3)
+    assert out.shape == images.shape
+    assert torch.equal(out[1], images[1]) and torch.equal(out[3], images[3])
+    if kind in ("text", "empty"):
+        assert torch.equal(out, images)
+    elif kind == "blank":
+        assert torch.equal(out[[0, 2]], torch.ones(2, 3, res, res))
+    else:
+        rows = out[[0, 2]]
+        assert rows.min() >= -1 and rows.max() <= 1 and rows.std() > 0.5  # uniform on [-1, 1]: std 0.577
+        assert not torch.equal(rows[0], rows[1])
+        assert torch.equal(ab.anchor_images(images, mask, step=3), out)  # the same (rank, step): the same noise
+        assert not torch.equal(ab.anchor_images(images, mask, step=4), out)

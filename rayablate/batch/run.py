@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import AblationConfig, ConfigError, concept_name, config_from_dict, save_config, to_dict
 from ..files import atomic, write_json, write_text
+from ..prompts import anchor_label
 from ..resources import cpu_share
 from .merge import merge_batch, names_any
 from .report import console_table, write_summary
@@ -124,7 +125,7 @@ def run_separate(batch: Batch, out: Path, models, num_actors: int = 1, progress=
             cpw = _cpus_per_worker(batch, c.cfg, s.max_concurrent)
             ref = task.remote(to_dict(c.cfg), str(out / "concepts" / c.name), models, cpw, num_actors, s.max_failures)
             inflight[ref] = (c, time.time())
-            progress(f"[batch] {c.name}: started ({c.cfg.concept.target!r} -> {c.cfg.concept.anchor!r}, "
+            progress(f"[batch] {c.name}: started ({c.cfg.concept.target!r} -> {anchor_label(c.cfg.concept.anchor, c.cfg.concept.anchor_kind)}, "
                      f"{c.cfg.steps} steps, {cpw} CPU/worker); in flight {len(inflight)}, queued {len(queue)}")
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:

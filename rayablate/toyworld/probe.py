@@ -54,6 +54,20 @@ class ProbeJudge:
             ok &= probs[attr].argmax(-1) == want
         return float(ok.float().mean())
 
+    def draws(self, images, concept: str, probs=None) -> dict[str, float]:
+        """What the images show in `concept`'s attribute: the share of images read as each of its
+        values (a valid render whose top value it is), and of images that are no valid render
+        ("no render": a blank canvas, noise, a broken image). The shares sum to 1."""
+        if not len(images):
+            return {}
+        probs = probs or self.probabilities(images)
+        attr = world.attribute_of(concept)
+        valid = probs["valid"][:, 1] > self.valid_threshold
+        top = probs[attr].argmax(-1)
+        out = {v: float(((top == i) & valid).float().mean()) for i, v in enumerate(_ATTR_VALUES[attr])}
+        out["no render"] = float((~valid).float().mean())
+        return out
+
     def valid_rate(self, images, probs=None) -> float:
         probs = probs or self.probabilities(images)
         return float((probs["valid"][:, 1] > self.valid_threshold).float().mean())

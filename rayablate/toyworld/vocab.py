@@ -39,16 +39,19 @@ class ToyWorld(PromptWorld):
     def anchorize(self, caption: str, spec) -> str:
         """Every word of the target's attribute is replaced (a row the CLIP mask flags as being about
         "striped" has its pattern slot set to the anchor, whatever pattern it names)."""
-        if not self.knows(spec.target):
+        if not self.knows(spec.target) or spec.anchor_kind != "text":
             return super().anchorize(caption, spec)
         table = _TABLES[world.attribute_of(spec.target)]
         return P.anchorize(caption, spec, [w for ws in table.values() for w in ws])
 
     def caption_pairs(self, spec, n: int, seed: int) -> list[tuple[str, str]]:
         """The concept's own prompts where it has some; else built-in prompts naming the target."""
-        if P.has_own_prompts(spec) or not (self.knows(spec.target) and self.knows(spec.anchor)):
+        text = spec.anchor_kind == "text"
+        if P.has_own_prompts(spec) or not (self.knows(spec.target) and (self.knows(spec.anchor) or not text)):
             return super().caption_pairs(spec, n, seed)
         words = [w for w in [*self.words(spec.target), *spec.synonyms] if w]
+        if not text:  # the empty prompt, or an anchor image: no anchor caption
+            return [(p, "") for p, _ in world.iter_prompts_naming(spec.target, n, seed, words=words)]
         anchored = dataclasses.replace(spec, anchor=self.words(spec.anchor)[0])
         return [(p, self.anchorize(p, anchored)) for p, _ in world.iter_prompts_naming(spec.target, n, seed,
                                                                                       words=words)]
@@ -71,10 +74,11 @@ class ToyWorld(PromptWorld):
         def naming(concept, s, **kw):
             return [p for p, _ in world.iter_prompts_naming(concept, n, s, **kw)]
 
-        same_attr = world.attribute_of(spec.anchor) == world.attribute_of(spec.target)
-        groups = [P.EvalGroup("target", spec.target, naming(spec.target, seed)),
-                  P.EvalGroup("anchor", spec.anchor, naming(spec.anchor, seed + 1,
-                                                            exclude=[spec.target] if same_attr else []))]
+        groups = [P.EvalGroup("target", spec.target, naming(spec.target, seed))]
+        if spec.anchor_kind == "text":  # empty and image anchors have no anchor concept to keep
+            same_attr = world.attribute_of(spec.anchor) == world.attribute_of(spec.target)
+            groups.append(P.EvalGroup("anchor", spec.anchor, naming(spec.anchor, seed + 1,
+                                                                    exclude=[spec.target] if same_attr else [])))
         for k, nb in enumerate(spec.neighbours):
             groups.append(P.EvalGroup(f"neighbours.{nb}", nb, naming(nb, seed + 10 + k, exclude=[spec.target])))
         held = spec.paraphrases or self.words(spec.target, held_out=True)
