@@ -85,8 +85,12 @@ def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=prin
             "note": "least squares on cross-attention k/v weights; any other tensor is the naive sum"}
     write_json(info_path, info)
     fitted = [n for n in names if n not in report["added"]]
-    progress(f"[batch] merge: {len(report['least_squares'])} k/v weights by least squares over "
-             f"{sum(report['num_concept_captions'])} concept + {len(preserve)} preservation captions "
-             f"(fitted: {', '.join(fitted) or 'none'}; robust, added as trained: "
-             f"{', '.join(report['added']) or 'none'}), {len(report['summed'])} summed; in {info['seconds']:.1f}s")
+    added = f"; robust, added as trained: {', '.join(report['added'])}" if report["added"] else ""
+    if fitted:
+        progress(f"[batch] merge: {len(report['least_squares'])} k/v weights by least squares over "
+                 f"{sum(report['num_concept_captions'])} concept + {len(preserve)} preservation captions "
+                 f"(fitted: {', '.join(fitted)}{added}), {len(report['summed'])} summed; in {info['seconds']:.1f}s")
+    else:
+        progress(f"[batch] merge: every concept is robust, so the merged model is the naive sum "
+                 f"({len(report['summed'])} tensors); in {info['seconds']:.1f}s")
     return dict(info, skipped=False)
