@@ -137,3 +137,10 @@ def test_merged_delta_file_applies_to_the_pipeline(tiny_sd_path, tmp_path):
     name = sorted(s)[0]
     w0 = before[name.removeprefix("unet.")]
     assert torch.allclose(s[name], w0 + (d0[name] - w0) + (d1[name] - w0), atol=1e-6)
+    # robust deltas (added, not fitted): with both added, the merged file is the naive sum
+    both = merge_delta_files(str(tiny_sd_path), [str(p) for p in paths],
+                             [["a red striped circle"], ["a green zorb"]], ["a red plain circle"],
+                             tmp_path / "added.safetensors", added=[True, True])
+    added, _ = read_delta(tmp_path / "added.safetensors")
+    assert both["added"] == [0, 1] and both["least_squares"] == []
+    assert added.keys() == s.keys() and all(torch.allclose(added[k], s[k], atol=1e-6) for k in s)
