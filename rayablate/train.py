@@ -525,22 +525,6 @@ def _run_storage(cfg: AblationConfig, output_dir: Path, run_name: str, resume: b
     return storage, run_name
 
 
-ATTACKER_NAME = "robust_attacker.pt"
-
-
-def _copy_attacker(ckpt_dir: str, output_dir: Path) -> None:
-    """Robust mode: every rank's final inner-attacker tokens, in one file beside the delta (the batch
-    merge fits the delta's edit on the captions they make, so the merged model stays robust)."""
-    from .robust import STATE_FILE
-
-    ranks = sorted(Path(ckpt_dir).glob(STATE_FILE.format("*")))
-    if not ranks:
-        return
-    states = {p.stem.removeprefix("robust_"): torch.load(p, map_location="cpu", weights_only=True) for p in ranks}
-    with atomic(output_dir / ATTACKER_NAME) as tmp:
-        torch.save(states, tmp)
-
-
 def _fit_outputs(result, output_dir: Path, wall: float, attempts: int) -> dict:
     """Copy the final checkpoint's delta and write the metric history; `run_training`'s return value."""
     ret = result.return_value or {}
@@ -548,7 +532,6 @@ def _fit_outputs(result, output_dir: Path, wall: float, attempts: int) -> dict:
     with result.checkpoint.as_directory() as d, atomic(delta_path) as tmp:
         state = json.loads(Path(d, STATE_NAME).read_text())
         shutil.copyfile(Path(d, DELTA_NAME), tmp)
-        _copy_attacker(d, output_dir)
     history = ret.get("history") or state.get("history", [])
     metrics_path = write_json(output_dir / METRICS_NAME, history)
     return {

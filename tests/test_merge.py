@@ -84,6 +84,26 @@ def test_non_kv_tensors_fall_back_to_the_sum_and_are_reported():
     assert torch.allclose(merged["unet.a.attn2.to_k.weight"], 0.5 * torch.ones(3, 4))
 
 
+def test_added_deltas_reach_the_merge_unchanged_on_top_of_the_fitted_ones():
+    """Robust deltas are added, not fitted: the merge is the least-squares fit of the other deltas plus
+    each added delta's change, whatever the captions say; with every delta added it is the naive sum."""
+    lin, w0, ws, cs, c0 = _problem(seed=3)
+    name = "unet.b.attn2.to_v.weight"
+    base, deltas = {name: w0}, [{name: w} for w in ws]
+    grams = [gram(c) for c in cs]
+    merged, report = merge_tensors(base, deltas, grams, gram(c0), lam=2.0, ridge=1e-3, added=[False, True, False])
+    fit_only, _ = merge_tensors(base, [deltas[0], deltas[2]], [grams[0], grams[2]], gram(c0), lam=2.0, ridge=1e-3)
+    assert report["added"] == [1] and report["least_squares"] == [name]
+    assert torch.allclose(merged[name], fit_only[name] + (ws[1] - w0), atol=1e-10)
+    # the added delta's own edit survives on every input (the plain fit would change it on its captions)
+    plain, _ = merge_tensors(base, deltas, grams, gram(c0), lam=2.0, ridge=1e-3)
+    assert not torch.allclose(plain[name], fit_only[name] + (ws[1] - w0), atol=1e-3)
+    every, _ = merge_tensors(base, deltas, grams, gram(c0), added=[True] * 3)
+    assert torch.allclose(every[name], naive_sum(base, deltas)[name], atol=1e-12)
+    with pytest.raises(ValueError, match="3 deltas but 2 added flags"):
+        merge_tensors(base, deltas, grams, gram(c0), added=[True, False])
+
+
 def test_merged_delta_file_applies_to_the_pipeline(tiny_sd_path, tmp_path):
     """Two fake concept deltas on the tiny pipeline: the merged file is a delta apply_delta accepts."""
     from rayablate.merge import merge_delta_files
@@ -117,56 +137,10 @@ def test_merged_delta_file_applies_to_the_pipeline(tiny_sd_path, tmp_path):
     name = sorted(s)[0]
     w0 = before[name.removeprefix("unet.")]
     assert torch.allclose(s[name], w0 + (d0[name] - w0) + (d1[name] - w0), atol=1e-6)
-
-
-def test_a_robust_deltas_attacker_tokens_join_its_rows(tiny_sd_path, tmp_path):
-    """A robust run's final attacker tokens (robust_attacker.pt) become rows of its concept: the merged
-    weight then maps the attacked captions the way that delta does, much closer than a merge that fits
-    the plain captions alone."""
-    from rayablate.merge import adversarial_embeddings, attacker_token_sets, merge_delta_files
-    from rayablate.pipeline import export_delta, load_pipeline, matcher_state, read_delta
-    from rayablate.soft_tokens import SoftTokens
-
-    paths = []
-    for i in range(2):
-        pipe = load_pipeline(tiny_sd_path)
-        base = matcher_state(pipe, "xattn-kv")
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for n, p in pipe.unet.named_parameters():
-                if ".attn2.to_k." in n or ".attn2.to_v." in n:
-                    p.add_(0.05 * torch.randn_like(p))
-        paths.append(export_delta(pipe, "xattn-kv", tmp_path / f"d{i}.safetensors", base))
-    # what the trainer writes: each rank's attacker state, one set of soft tokens per robust init
-    sets = [SoftTokens.for_pipeline(pipe, 3, seed=s) for s in (1, 2)]
-    state = {"current": torch.tensor(1)}
-    for k, soft in enumerate(sets):
-        state.update({f"{k}.{n}": v for n, v in soft.state().items()})
-    torch.save({"rank0": state}, tmp_path / "robust_attacker.pt")
-    loaded = attacker_token_sets(pipe, tmp_path / "robust_attacker.pt")
-    assert len(loaded) == 2 and all(torch.equal(a.vectors[0], b.vectors[0]) for a, b in zip(loaded, sets))
-
-    concept = [["a red striped circle", "a blue striped square"], ["a green zorb", "a dotted zorb"]]
-    pairs = [("a red striped circle", "a red plain circle"), ("a blue striped square", "a blue plain square")]
-    preserve = ["a red plain circle", "a yellow checkered triangle", "a blue plain square", "a green circle"]
-    adv, n = adversarial_embeddings(pipe, tmp_path / "robust_attacker.pt", pairs)
-    assert n == 4 and adv.shape[0] == 4 * pipe.tokenizer.model_max_length
-
-    def miss(merged_file):  # how far the merged weights are from delta 0's on the attacked captions
-        m, _ = read_delta(merged_file)
-        d0, _ = read_delta(paths[0])
-        base = {n: p.detach() for n, p in load_pipeline(tiny_sd_path).unet.named_parameters()}
-        num = den = 0.0
-        for name, w in m.items():
-            w0, wi = base[name.removeprefix("unet.")].double(), d0[name].double()
-            num += float(((w.double() - wi) @ adv.T).pow(2).sum())
-            den += float(((wi - w0) @ adv.T).pow(2).sum())
-        return num / den
-
-    plain = merge_delta_files(str(tiny_sd_path), [str(p) for p in paths], concept, preserve,
-                              tmp_path / "plain.safetensors", lam=5.0)
-    robust = merge_delta_files(str(tiny_sd_path), [str(p) for p in paths], concept, preserve,
-                               tmp_path / "robust.safetensors", lam=5.0,
-                               adversarial=[(str(tmp_path / "robust_attacker.pt"), pairs), None])
-    assert plain["num_adversarial_captions"] == [0, 0] and robust["num_adversarial_captions"] == [4, 0]
-    assert miss(tmp_path / "robust.safetensors") < 0.5 * miss(tmp_path / "plain.safetensors")
+    # robust deltas (added, not fitted): with both added, the merged file is the naive sum
+    both = merge_delta_files(str(tiny_sd_path), [str(p) for p in paths],
+                             [["a red striped circle"], ["a green zorb"]], ["a red plain circle"],
+                             tmp_path / "added.safetensors", added=[True, True])
+    added, _ = read_delta(tmp_path / "added.safetensors")
+    assert both["added"] == [0, 1] and both["least_squares"] == []
+    assert added.keys() == s.keys() and all(torch.allclose(added[k], s[k], atol=1e-6) for k in s)

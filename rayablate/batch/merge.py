@@ -35,17 +35,14 @@ def training_captions(data_dir: Path) -> tuple[list[str], list[str], list[str]]:
 
 
 MERGE_CAPTION_RULE = "own-concept-only"  # concept captions naming another batch concept are left out
-# a robust concept's rows also hold its ablation captions with the inner attacker's final tokens (half the weight)
-ADVERSARIAL_RULE = "attacker-tokens-half"
+ROBUST_RULE = "robust-added"  # robust concepts' deltas are added on top, not fitted (rayablate/merge.py)
 
 
-def merge_captions(batch: Batch, out: Path, world, names: list[str]
-                   ) -> tuple[list[list[str]], list[str], list[list[tuple[str, str]]]]:
-    """(each concept's ablation captions, the shared preservation captions, each concept's
-    (ablation, anchor) caption pairs: where a robust run's attacker tokens go) the merge fits."""
+def merge_captions(batch: Batch, out: Path, world, names: list[str]) -> tuple[list[list[str]], list[str]]:
+    """(each concept's ablation captions, the shared preservation captions) the merge fits."""
     words = {c.name: world.concept_words(c.cfg.concept) for c in batch.concepts}
     all_words = list(words.values())
-    concept_caps, preserve, pairs = [], [], []
+    concept_caps, preserve = [], []
     for n in names:
         abl, anc, pres = training_captions(out / "concepts" / n / "data")
         # A caption that also names another concept of the batch ("a dotted kubo") has no right answer in
@@ -54,17 +51,8 @@ def merge_captions(batch: Batch, out: Path, world, names: list[str]
         # in the merged model). Such captions are left to the prior (the naive sum composes both edits).
         others = [w for m, w in words.items() if m != n]
         concept_caps.append(sorted({c for c in abl if not names_any(c, others)}))
-        pairs.append(sorted({(c, a) for c, a in zip(abl, anc) if not names_any(c, others)}))
         preserve += anc + [p for p in pres if not names_any(p, all_words)]
-    return concept_caps, sorted(set(preserve)), pairs
-
-
-def adversarial_rows(concept_dir: Path, pairs: list[tuple[str, str]]):
-    """A robust concept's (attacker tokens file, caption pairs) for the merge; None for the others."""
-    from ..train import ATTACKER_NAME
-
-    path = concept_dir / ATTACKER_NAME
-    return (str(path), pairs) if path.exists() else None
+    return concept_caps, sorted(set(preserve))
 
 
 def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=print) -> dict:
@@ -75,7 +63,7 @@ def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=prin
     mdir = out / "merged"
     info_path = mdir / "merge.json"
     settings = {"lambda": s.merge_lambda, "ridge": s.merge_ridge, "prior": s.merge_prior,
-                "captions": MERGE_CAPTION_RULE, "adversarial": ADVERSARIAL_RULE}
+                "captions": MERGE_CAPTION_RULE, "robust": ROBUST_RULE}
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if info.get("concepts") == names and all(info.get(k) == v for k, v in settings.items()) \
@@ -83,20 +71,26 @@ def merge_batch(batch: Batch, out: Path, models, names: list[str], progress=prin
             progress("[batch] merge: already done, skipped")
             return dict(info, skipped=True)
     mdir.mkdir(parents=True, exist_ok=True)
-    concept_caps, preserve, pairs = merge_captions(batch, out, models.world, names)
+    concept_caps, preserve = merge_captions(batch, out, models.world, names)
     t = time.time()
     deltas = [str(out / "concepts" / n / "matcher_delta.safetensors") for n in names]
-    adversarial = [adversarial_rows(out / "concepts" / n, p) for n, p in zip(names, pairs)]
+    robust = {c.name: c.cfg.robust for c in batch.concepts}
     report = merge_delta_files(models.model_path, deltas, concept_caps, preserve, mdir / "merged_delta.safetensors",
                                mdir / "sum_delta.safetensors", lam=s.merge_lambda, ridge=s.merge_ridge,
-                               prior=s.merge_prior, adversarial=adversarial)
+                               prior=s.merge_prior, added=[robust[n] for n in names])
     report["relative_residual"] = {names[int(k)]: v for k, v in report["relative_residual"].items()}
+    report["added"] = [names[i] for i in report["added"]]
     info = {"concepts": names, "seconds": time.time() - t, **report, "captions": MERGE_CAPTION_RULE,
-            "adversarial": ADVERSARIAL_RULE,
+            "robust": ROBUST_RULE,
             "note": "least squares on cross-attention k/v weights; any other tensor is the naive sum"}
     write_json(info_path, info)
-    progress(f"[batch] merge: {len(report['least_squares'])} k/v weights by least squares over "
-             f"{sum(report['num_concept_captions'])} concept + {sum(report['num_adversarial_captions'])} "
-             f"attacked + {len(preserve)} preservation captions, "
-             f"{len(report['summed'])} summed; in {info['seconds']:.1f}s")
+    fitted = [n for n in names if n not in report["added"]]
+    added = f"; robust, added as trained: {', '.join(report['added'])}" if report["added"] else ""
+    if fitted:
+        progress(f"[batch] merge: {len(report['least_squares'])} k/v weights by least squares over "
+                 f"{sum(report['num_concept_captions'])} concept + {len(preserve)} preservation captions "
+                 f"(fitted: {', '.join(fitted)}{added}), {len(report['summed'])} summed; in {info['seconds']:.1f}s")
+    else:
+        progress(f"[batch] merge: every concept is robust, so the merged model is the naive sum "
+                 f"({len(report['summed'])} tensors); in {info['seconds']:.1f}s")
     return dict(info, skipped=False)
