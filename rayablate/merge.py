@@ -122,14 +122,15 @@ def merge_tensors(base: dict[str, torch.Tensor], deltas: list[dict[str, torch.Te
         raise ValueError(f"{len(deltas)} deltas but {len(added)} added flags")
     fit = [i for i, a in enumerate(added) if not a]
     summed = naive_sum(base, deltas)
+    # the prior of the fit: the naive sum of the fitted deltas only (the added ones go on top)
+    fit_sum = summed if len(fit) == len(deltas) else naive_sum(base, [deltas[i] for i in fit])
     merged, ls_names, sum_names = {}, [], []
     for name, s in summed.items():
         if is_xattn_kv_weight(name) and fit:
             w0 = base[name]
             ws = [deltas[i].get(name, w0) for i in fit]
             w = least_squares_merge(w0, ws, [grams[i] for i in fit], gram0, lam, ridge,
-                                    prior=naive_sum(base, [deltas[i] for i in fit]).get(name, w0)
-                                    if prior == "sum" else None).to(torch.float64)
+                                    prior=fit_sum.get(name, w0) if prior == "sum" else None).to(torch.float64)
             for i, a in enumerate(added):
                 if a and name in deltas[i]:
                     w = w + deltas[i][name].to(torch.float64) - w0.to(torch.float64)
