@@ -89,12 +89,13 @@ def _world(concept: ConceptSpec, world):
     """The toy world for its own concepts (when no prompts are given); a PromptWorld otherwise."""
     if world is not None:
         return world
+    from .prompts import target_concept
     from .toyworld.vocab import ToyWorld
     from .worlds import PromptWorld
 
     toy = ToyWorld()
     explicit = concept.prompts or concept.templates or concept.prompt_file
-    return toy if toy.knows(concept.target) and not explicit else PromptWorld()
+    return toy if toy.knows(target_concept(concept)) and not explicit else PromptWorld()
 
 
 def _clip(clip: str | None, cfg: AblationConfig) -> str:
@@ -128,8 +129,8 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
         bar.update(len(parts[-1]["seed"]))
     bar.close()
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    texts = world.concept_texts(cfg.concept.target) + list(cfg.concept.synonyms)
-    return ClipMasker(clip, texts, cfg.clip_threshold)(columns)
+    return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold,
+                      guard=world.mask_guard(cfg.concept))(columns)
 
 
 def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,

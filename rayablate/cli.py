@@ -12,13 +12,20 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
+def _word_list(text: str) -> list[str]:
+    """A comma-separated list of words or phrases: 'zorb, kubo' -> ['zorb', 'kubo']."""
+    return [w.strip() for w in text.split(",")]
+
+
 # flag -> config field (dotted); flags keep the spelling diffusers users know where one exists.
 OVERRIDES = {
     "target": ("concept.target", str, "the concept to remove"),
     "anchor": ("concept.anchor", str, "what to draw instead"),
     "anchor_kind": ("concept.anchor_kind", str, "text (the --anchor word) | empty (the empty prompt) | blank (a blank "
                                                 "canvas) | noise (noise images); the last three take no --anchor"),
-    "kind": ("concept.kind", str, "style | instance | memorized | unsafe"),
+    "kind": ("concept.kind", str, "style | instance | prompt (a composition) | unsafe (a category: --members)"),
+    "members": ("concept.members", _word_list, "kind unsafe: the category's member words, comma-separated "
+                                               "(e.g. 'zorb,kubo'); --target then names the category"),
     "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
     "method": ("method", str, "train (the trained matcher) | closed-form (a one-shot least-squares edit of the "
                               "cross-attention keys/values in about a second: no training, not robust to attack)"),

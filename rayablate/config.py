@@ -14,7 +14,10 @@ from typing import Any
 
 import yaml
 
-KINDS = ("style", "instance", "memorized", "unsafe")
+# What the target is (docs/design.md#target-kinds): a style or an instance is one concept word; "prompt"
+# a composition ("striped zorb"), whose parts must survive on their own; "unsafe" a category given by
+# several member words (`concept.members`), with the empty prompt as its default anchor.
+KINDS = ("style", "instance", "prompt", "unsafe", "memorized")
 PARAM_GROUPS = ("xattn-kv", "xattn", "embedding", "full", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MATCH_MODES = ("model", "noise")
@@ -59,6 +62,8 @@ class ConceptSpec:
     templates: list[str] = dataclasses.field(default_factory=list)
     synonyms: list[str] = dataclasses.field(default_factory=list)  # other names of the target, used in training
     paraphrases: list[str] = dataclasses.field(default_factory=list)  # held out: used only to measure leakage
+    # kind unsafe: the category's member words or phrases ("zorb", "kubo"); `target` then names the category
+    members: list[str] = dataclasses.field(default_factory=list)
     # Concepts that must survive. The defaults are the toy world's default style ablation.
     neighbours: list[str] = dataclasses.field(default_factory=lambda: ["dotted", "checkered"])
 
@@ -203,6 +208,8 @@ def config_from_dict(data: dict) -> AblationConfig:
         for k, v in ROBUST_DEFAULTS.items():
             data.setdefault(k, v)
     concept = data.get("concept")
+    if isinstance(concept, dict) and concept.get("kind") == "unsafe" and "anchor" not in concept:
+        data["concept"] = concept = {"anchor_kind": "empty", **concept}  # a category's default anchor
     if isinstance(concept, dict) and concept.get("anchor_kind", "text") in ANCHOR_KINDS[1:]:
         data["concept"] = concept = {"anchor": "", **concept}  # no anchor word unless one is given (refused)
         if concept["anchor_kind"] in IMAGE_ANCHORS:
@@ -305,6 +312,21 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         raise ConfigError("concept.anchor", f"must differ from concept.target (both are {c.target!r})")
     if c.kind not in KINDS:
         raise ConfigError("concept.kind", f"unknown kind {c.kind!r}; allowed: {', '.join(KINDS)}")
+    if c.kind == "memorized":
+        raise ConfigError("concept.kind", "kind memorized is not built yet; allowed: "
+                                          f"{', '.join(k for k in KINDS if k != 'memorized')}")
+    if c.kind == "unsafe" and not [m for m in c.members if m.strip()]:
+        raise ConfigError("concept.members", "kind unsafe needs the category's member words, e.g. "
+                                             "members: [zorb, kubo] (concept.target then names the category)")
+    if c.members and c.kind != "unsafe":
+        raise ConfigError("concept.members", f"only kind unsafe has members (kind is {c.kind}); "
+                                             "for one concept word, set concept.target")
+    for i, m in enumerate(c.members):
+        if not m.strip():
+            raise ConfigError(f"concept.members[{i}]", "is empty")
+    if c.kind == "prompt" and len(c.target.split()) < 2:
+        raise ConfigError("concept.target", f"kind prompt removes a composition of words, e.g. 'striped zorb'; "
+                                            f"got one word {c.target!r} (use kind style or instance)")
     if c.name and (not _SAFE_NAME.match(c.name) or ".." in c.name):
         raise ConfigError("concept.name", f"{c.name!r} is not a safe name: use letters, digits, '-', '_', '.' "
                                           "(no '/' or '..'), at most 64 characters")

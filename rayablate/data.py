@@ -24,21 +24,38 @@ class DataError(ValueError):
 
 
 class ClipMasker:
-    """Ray Data callable class: mask = cos_sim(caption [, image], concept texts) > threshold."""
+    """Ray Data callable class: mask = cos_sim(caption [, image], concept) > threshold.
 
-    def __init__(self, clip_name: str, concept_texts: list[str], threshold: float, image_weight: float = 0.0):
+    `concept_texts` is one list of texts (their mean embedding is the concept) or several lists (a
+    category: a row scores its similarity to the closest one). `guard`: word groups a caption must
+    name one word of each (`PromptWorld.mask_guard`); other rows score -1, so no threshold masks them in.
+    """
+
+    def __init__(self, clip_name: str, concept_texts: list, threshold: float, image_weight: float = 0.0,
+                 guard: list[list[str]] | None = None):
         import torch
 
         from .clip import ClipScorer
 
         torch.set_num_threads(1)
         self.scorer = ClipScorer.load(clip_name)
-        self.texts, self.threshold, self.image_weight = concept_texts, threshold, image_weight
+        groups = concept_texts if concept_texts and not isinstance(concept_texts[0], str) else [concept_texts]
+        self.groups, self.threshold, self.image_weight = [list(g) for g in groups if g], threshold, image_weight
+        self.guard = [[w.lower() for w in g] for g in guard or []]
+
+    def _names_all(self, caption: str) -> bool:
+        import re
+
+        text = caption.lower()
+        return all(any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text) for w in g) for g in self.guard)
 
     def __call__(self, batch: dict) -> dict:
         caps = [str(c) for c in batch["target_caption"]]
         imgs = np.stack([decode_png(b) for b in batch["image"]]) if self.image_weight > 0 else None
-        batch["clip_sim"] = self.scorer.row_similarity(caps, self.texts, imgs, self.image_weight).astype(np.float32)
+        sim = np.max([self.scorer.row_similarity(caps, g, imgs, self.image_weight) for g in self.groups], axis=0)
+        if self.guard:
+            sim = np.where([self._names_all(c) for c in caps], sim, -1.0)
+        batch["clip_sim"] = sim.astype(np.float32)
         return apply_threshold(batch, self.threshold)
 
 
@@ -175,9 +192,9 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
                         use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption", batch_size=16)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
-    concept_texts = world.concept_texts(cfg.concept.target) + list(cfg.concept.synonyms)
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
-        clip_name=clip_name, concept_texts=concept_texts, threshold=cfg.clip_threshold, image_weight=image_weight),
+        clip_name=clip_name, concept_texts=world.mask_texts(cfg.concept), threshold=cfg.clip_threshold,
+        image_weight=image_weight, guard=world.mask_guard(cfg.concept)),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)

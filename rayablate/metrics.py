@@ -27,9 +27,9 @@ def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
 
 def group_metrics(group, imgs: dict[str, np.ndarray], spec, scorer, judge, world, with_kid: bool) -> dict:
     """One group's metrics for its "before" and (when present) "after" images."""
-    from .prompts import anchor_texts
+    from .prompts import anchor_texts, target_concept
 
-    t_texts, a_texts = world.concept_texts(spec.target), anchor_texts(spec, world)
+    t_texts, a_texts = world.concept_texts(target_concept(spec)), anchor_texts(spec, world)
     m: dict = {"concept": group.concept, "n": len(group.prompts)}
     for when in ("before", "after"):
         if when not in imgs:

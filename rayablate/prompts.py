@@ -20,13 +20,26 @@ def _replace_words(text: str, words: list[str], by: str) -> tuple[str, bool]:
     return text, hit
 
 
+def target_concept(spec: ConceptSpec) -> str:
+    """The concept whose presence is measured as "the target": a category (kind unsafe) is any of its
+    members, "zorb or kubo"; every other kind's target is its own concept."""
+    if spec.kind == "unsafe" and spec.members:
+        return " or ".join(m.strip() for m in spec.members)
+    return spec.target
+
+
+def target_names(spec: ConceptSpec) -> list[str]:
+    """The words that name the target in templates: a category's members, else the target."""
+    return [m.strip() for m in spec.members] if spec.kind == "unsafe" and spec.members else [spec.target]
+
+
 def anchorize(caption: str, spec: ConceptSpec, more_words: list[str] = ()) -> str:
     """The caption with the target, its synonyms and paraphrases (and `more_words`) replaced by the
     anchor; the anchor appended where none of them occurs. With no anchor word (anchor_kind empty,
     blank, noise): the empty caption."""
     if spec.anchor_kind != "text":
         return ""
-    words = [spec.target, *spec.synonyms, *spec.paraphrases, *more_words]
+    words = [spec.target, *spec.members, *spec.synonyms, *spec.paraphrases, *more_words]
     out, hit = _replace_words(caption, words, spec.anchor)
     return out if hit else f"{caption}, {spec.anchor}"
 
@@ -77,7 +90,8 @@ def caption_pairs(spec: ConceptSpec, n: int, seed: int) -> list[tuple[str, str]]
         else:
             base.append((p, anchorize(p, spec)))
     for t in spec.templates:
-        base.append((t.format(spec.target), t.format(spec.anchor) if spec.anchor_kind == "text" else ""))
+        for name in target_names(spec):
+            base.append((t.format(name), t.format(spec.anchor) if spec.anchor_kind == "text" else ""))
     if base:
         order = rng.permutation(len(base))
         return [base[order[i % len(base)]] for i in range(n)]
@@ -97,17 +111,20 @@ def preservation_captions(spec: ConceptSpec, n: int) -> list[str]:
 
 @dataclasses.dataclass
 class EvalGroup:
-    name: str  # "target", "anchor", "neighbours.<x>", "paraphrases"
+    name: str  # "target", "anchor", "members.<x>", "neighbours.<x>", "paraphrases"
     concept: str  # the concept whose presence is measured
     prompts: list[str]
 
 
 def eval_groups(spec: ConceptSpec, n: int, seed: int) -> list[EvalGroup]:
-    """Prompt groups for evaluation: target, anchor (a text anchor only), each neighbour, paraphrases."""
+    """Prompt groups for evaluation: target, anchor (a text anchor only), each member of a category
+    (kind unsafe, with templates), each neighbour, paraphrases."""
     pairs = caption_pairs(spec, n, seed)
-    groups = [EvalGroup("target", spec.target, [c for c, _ in pairs])]
+    groups = [EvalGroup("target", target_concept(spec), [c for c, _ in pairs])]
     if spec.anchor_kind == "text":
         groups.append(EvalGroup("anchor", spec.anchor, [a for _, a in pairs]))
+    if spec.kind == "unsafe" and spec.templates:  # each member's own rate
+        groups += [EvalGroup(f"members.{m}", m, _templated(spec, [m], n)) for m in target_names(spec)]
     for nb in spec.neighbours:
         groups.append(EvalGroup(f"neighbours.{nb}", nb, _templated(spec, [nb], n)))
     if spec.paraphrases:

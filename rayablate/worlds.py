@@ -43,7 +43,20 @@ class PromptWorld:
 
     def concept_words(self, spec) -> list[str]:
         """Words that name the target in a caption."""
-        return [w for w in [spec.target, *spec.synonyms, *spec.paraphrases] if w.strip()]
+        return [w for w in [spec.target, *spec.members, *spec.synonyms, *spec.paraphrases] if w.strip()]
+
+    def mask_texts(self, spec) -> list[list[str]]:
+        """The CLIP mask's concept, as groups of texts: a row's score is its similarity to the closest
+        group (each member of a category is a group; any other target is one)."""
+        if spec.kind == "unsafe" and spec.members:
+            return [self.concept_texts(m) for m in P.target_names(spec)] + ([list(spec.synonyms)] if spec.synonyms
+                                                                            else [])
+        return [self.concept_texts(spec.target) + list(spec.synonyms)]
+
+    def mask_guard(self, spec) -> list[list[str]] | None:
+        """Word groups a caption must name one word of each, or the CLIP mask leaves the row out
+        (a composition's parts: "a striped circle" is not about "striped zorb"); None: no guard."""
+        return None
 
     def judge(self):
         """An object with `concept_rate(uint8 NxHxWx3 images, concept) -> float`, or None."""

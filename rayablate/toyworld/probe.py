@@ -32,12 +32,17 @@ class ProbeJudge:
         return {k: torch.cat([o[k] for o in out]).softmax(-1) for k in self.model.heads}
 
     def concept_mask(self, images, concept: str, probs=None) -> np.ndarray:
-        """Boolean per image: a valid render that confidently shows `concept`."""
+        """Boolean per image: a valid render that confidently shows `concept` (every part of a
+        composition such as "striped zorb"; any member of a category such as "zorb or kubo")."""
         probs = probs or self.probabilities(images)
-        attr = world.attribute_of(concept)
-        p = probs[attr][:, _ATTR_VALUES[attr].index(concept)]
+        op, parts = world.concept_parts(concept)  # a value, a composition (AND) or a category (OR)
+        shows = [probs[a][:, _ATTR_VALUES[a].index(v)] > self.confidence
+                 for v, a in ((v, world.attribute_of(v)) for v in parts)]
+        hit = shows[0]
+        for s in shows[1:]:
+            hit = (hit | s) if op == "or" else (hit & s)
         valid = probs["valid"][:, 1] > self.valid_threshold
-        return ((p > self.confidence) & valid).numpy()
+        return (hit & valid).numpy()
 
     def concept_rate(self, images, concept: str, probs=None) -> float:
         return float(self.concept_mask(images, concept, probs).mean()) if len(images) else float("nan")

@@ -25,6 +25,7 @@ class ToyWorld(PromptWorld):
         self.probe_path = probe_path
 
     def knows(self, concept: str) -> bool:
+        """A value ("striped"), a composition ("striped zorb") or a category ("zorb or kubo") of the world."""
         try:
             world.attribute_of(concept)
             return True
@@ -36,69 +37,122 @@ class ToyWorld(PromptWorld):
         table = _TABLES[world.attribute_of(concept)]
         return (world.held_out_words if held_out else world.train_words)(table)[concept]
 
+    def _word_map(self, concept: str, held_out: bool = False) -> dict[str, list[str]]:
+        """{value: words} of every part of a concept (see `world.concept_parts`)."""
+        return {v: self.words(v, held_out) for v in world.concept_parts(concept)[1]}
+
+    def _neighbours(self, spec) -> list[str]:
+        """The concept's neighbours; for a composition, each of its parts too: "striped" and "zorb"
+        must survive where they are not together."""
+        c = P.target_concept(spec)
+        op, parts = world.concept_parts(c)
+        extra = [v for v in parts if op == "and" and len(parts) > 1 and v not in spec.neighbours]
+        return [*spec.neighbours, *extra]
+
     def anchorize(self, caption: str, spec) -> str:
         """Every word of the target's attribute is replaced (a row the CLIP mask flags as being about
-        "striped" has its pattern slot set to the anchor, whatever pattern it names)."""
-        if not self.knows(spec.target) or spec.anchor_kind != "text":
+        "striped" has its pattern slot set to the anchor, whatever pattern it names). A composed
+        anchor ("plain zorb" for "striped zorb") sets the slots of the parts it changes."""
+        target = P.target_concept(spec)
+        if not self.knows(target) or spec.anchor_kind != "text":
             return super().anchorize(caption, spec)
-        table = _TABLES[world.attribute_of(spec.target)]
-        return P.anchorize(caption, spec, [w for ws in table.values() for w in ws])
+        parts = world.concept_parts(target)[1]
+        if len(parts) == 1 or not self.knows(spec.anchor):
+            table = _TABLES[world.attribute_of(target)]
+            return P.anchorize(caption, spec, [w for ws in table.values() for w in ws])
+        out = caption
+        for a in world.concept_parts(spec.anchor)[1]:
+            if a in parts:  # a part the anchor keeps ("zorb" of "plain zorb"): its slot stays
+                continue
+            table = _TABLES[world.attribute_of(a)]
+            out = P._replace_words(out, [w for ws in table.values() for w in ws], self.words(a)[0])[0]
+        return out
 
     def caption_pairs(self, spec, n: int, seed: int) -> list[tuple[str, str]]:
-        """The concept's own prompts where it has some; else built-in prompts naming the target."""
+        """The concept's own prompts where it has some; else built-in prompts naming the target (a
+        composition's prompts name every part; a category's name its members in turn)."""
         text = spec.anchor_kind == "text"
-        if P.has_own_prompts(spec) or not (self.knows(spec.target) and (self.knows(spec.anchor) or not text)):
+        target = P.target_concept(spec)
+        if P.has_own_prompts(spec) or not (self.knows(target) and (self.knows(spec.anchor) or not text)):
             return super().caption_pairs(spec, n, seed)
-        words = [w for w in [*self.words(spec.target), *spec.synonyms] if w]
+        words = self._word_map(target)
+        if spec.synonyms and len(words) == 1:
+            words = {v: [*ws, *spec.synonyms] for v, ws in words.items()}
+        prompts = [p for p, _ in world.iter_prompts_naming(target, n, seed, words=words)]
         if not text:  # the empty prompt, or an anchor image: no anchor caption
-            return [(p, "") for p, _ in world.iter_prompts_naming(spec.target, n, seed, words=words)]
-        anchored = dataclasses.replace(spec, anchor=self.words(spec.anchor)[0])
-        return [(p, self.anchorize(p, anchored)) for p, _ in world.iter_prompts_naming(spec.target, n, seed,
-                                                                                      words=words)]
+            return [(p, "") for p in prompts]
+        one = len(world.concept_parts(target)[1]) == 1 and len(world.concept_parts(spec.anchor)[1]) == 1
+        anchored = dataclasses.replace(spec, anchor=self.words(spec.anchor)[0]) if one else spec
+        return [(p, self.anchorize(p, anchored)) for p in prompts]
 
     def preservation_captions(self, spec, n: int, seed: int) -> list[str]:
-        if not self.knows(spec.target):
+        target = P.target_concept(spec)
+        if not self.knows(target):
             return super().preservation_captions(spec, n, seed)
         out = []
-        for k, nb in enumerate(spec.neighbours):
+        nbs = self._neighbours(spec)
+        for k, nb in enumerate(nbs):
             if self.knows(nb):
-                out += [p for p, _ in world.iter_prompts_naming(nb, max(1, n // (2 * max(1, len(spec.neighbours)))),
-                                                                seed + 101 + k, exclude=[spec.target])]
-        out += [p for p, _ in world.iter_prompts_not_naming(spec.target, n - len(out), seed + 7)]
+                out += [p for p, _ in world.iter_prompts_naming(nb, max(1, n // (2 * max(1, len(nbs)))),
+                                                                seed + 101 + k, exclude=[target])]
+        out += [p for p, _ in world.iter_prompts_not_naming(target, n - len(out), seed + 7)]
         return out[:n]
 
     def eval_groups(self, spec, n: int, seed: int) -> list[P.EvalGroup]:
-        if not self.knows(spec.target):
+        target = P.target_concept(spec)
+        if not self.knows(target):
             return super().eval_groups(spec, n, seed)
 
         def naming(concept, s, **kw):
             return [p for p, _ in world.iter_prompts_naming(concept, n, s, **kw)]
 
-        groups = [P.EvalGroup("target", spec.target, naming(spec.target, seed))]
+        op, parts = world.concept_parts(target)
+        groups = [P.EvalGroup("target", target, naming(target, seed))]
         if spec.anchor_kind == "text":  # empty and image anchors have no anchor concept to keep
-            same_attr = world.attribute_of(spec.anchor) == world.attribute_of(spec.target)
+            same_attr = len(parts) > 1 or world.attribute_of(spec.anchor) == world.attribute_of(target)
             groups.append(P.EvalGroup("anchor", spec.anchor, naming(spec.anchor, seed + 1,
-                                                                    exclude=[spec.target] if same_attr else [])))
-        for k, nb in enumerate(spec.neighbours):
-            groups.append(P.EvalGroup(f"neighbours.{nb}", nb, naming(nb, seed + 10 + k, exclude=[spec.target])))
-        held = spec.paraphrases or self.words(spec.target, held_out=True)
-        if held:
-            groups.append(P.EvalGroup("paraphrases", spec.target, naming(spec.target, seed + 2, words=held)))
+                                                                    exclude=[target] if same_attr else [])))
+        if op == "or":  # a category: each member's own rate
+            groups += [P.EvalGroup(f"members.{m}", m, naming(m, seed + 20 + k)) for k, m in enumerate(parts)]
+        for k, nb in enumerate(self._neighbours(spec)):
+            groups.append(P.EvalGroup(f"neighbours.{nb}", nb, naming(nb, seed + 10 + k, exclude=[target])))
+        if len(parts) == 1:
+            held = {target: spec.paraphrases or self.words(target, held_out=True)}
+        else:  # each part's held-out word where it has one
+            held = {v: self.words(v, held_out=True) or self.words(v) for v in parts}
+            held = held if any(self.words(v, held_out=True) for v in parts) else {}
+        if any(held.values()):
+            groups.append(P.EvalGroup("paraphrases", target, naming(target, seed + 2, words=held)))
         return groups
 
     def concept_texts(self, concept: str) -> list[str]:
         if not self.knows(concept):
             return super().concept_texts(concept)
+        op, parts = world.concept_parts(concept)
+        if op == "or":
+            return [t for m in parts for t in self.concept_texts(m)]
         canon = {"object": [world.OBJECT_WORDS[o][0] for o in world.OBJECTS], "colour": list(world.COLOURS),
                  "pattern": [world.PATTERN_WORDS[p][0] for p in world.PATTERNS]}
-        canon[world.attribute_of(concept)] = [self.words(concept)[0]]
+        for v in parts:
+            canon[world.attribute_of(v)] = [self.words(v)[0]]
         return [f"a {c} {p} {o}" for o in canon["object"] for c in canon["colour"] for p in canon["pattern"]]
 
     def concept_words(self, spec) -> list[str]:
         words = super().concept_words(spec)
-        if self.knows(spec.target):
-            words += self.words(spec.target) + self.words(spec.target, held_out=True)
+        target = P.target_concept(spec)
+        if self.knows(target):
+            for v in world.concept_parts(target)[1]:
+                words += self.words(v) + self.words(v, held_out=True)
         return [w for w in words if w.strip()]
+
+    def mask_guard(self, spec) -> list[list[str]] | None:
+        target = P.target_concept(spec)
+        if P.has_own_prompts(spec) or not self.knows(target):
+            return None
+        op, parts = world.concept_parts(target)
+        if op == "or" or len(parts) == 1:
+            return None
+        return [self.words(v) + self.words(v, held_out=True) for v in parts]
 
     def _probe(self) -> Path:
         from . import bundle_paths

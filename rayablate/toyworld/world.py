@@ -190,39 +190,70 @@ def vocabulary_words() -> list[str]:
 
 # --- concepts: which labels count as showing a concept ------------------------------------
 
-def concept_predicate(concept: str):
-    """A function labels -> bool telling whether an image with those labels shows `concept`.
+def concept_parts(concept: str) -> tuple[str, list[str]]:
+    """A concept as (op, values). A value ("striped", "zorb") is ("and", [value]); a composition of
+    values of different attributes, "striped zorb", is ("and", ["striped", "zorb"]): an image shows it
+    when it shows every part; a category, "zorb or kubo", is ("or", ["zorb", "kubo"]): any member."""
+    concept = concept.strip()
+    op, parts = ("or", concept.split(" or ")) if " or " in concept else ("and", concept.split())
+    parts = [x.strip() for x in parts if x.strip()]
+    if not parts:
+        raise KeyError(f"unknown toy concept {concept!r}")
+    attrs = [_attribute(x) for x in parts]
+    if op == "and" and len(set(attrs)) < len(attrs):
+        raise KeyError(f"toy concept {concept!r} names two values of one attribute")
+    return op, parts
 
-    `concept` is a canonical value name: a pattern, a colour or an object.
-    """
-    if concept in PATTERNS:
-        return lambda lab: lab.pattern == concept
-    if concept in COLOURS:
-        return lambda lab: lab.colour == concept
-    if concept in OBJECTS:
-        return lambda lab: lab.object == concept
-    raise KeyError(f"unknown toy concept {concept!r}; known: {PATTERNS + COLOURS + OBJECTS}")
+
+def concept_predicate(concept: str):
+    """A function labels -> bool telling whether an image with those labels shows `concept`: a value
+    (a pattern, a colour or an object), a composition ("striped zorb") or a category ("zorb or kubo")."""
+    op, parts = concept_parts(concept)
+    preds = [(lambda v, a: lambda lab: getattr(lab, a) == v)(v, _attribute(v)) for v in parts]
+    combine = any if op == "or" else all
+    return lambda lab: combine(p(lab) for p in preds)
+
+
+def _attribute(value: str) -> str:
+    for name, values in (("object", OBJECTS), ("colour", COLOURS), ("pattern", PATTERNS)):
+        if value in values:
+            return name
+    raise KeyError(f"unknown toy concept {value!r}; known: {PATTERNS + COLOURS + OBJECTS}")
 
 
 def attribute_of(concept: str) -> str:
-    """Which attribute ('object', 'colour' or 'pattern') a concept value belongs to."""
-    for name, values in (("object", OBJECTS), ("colour", COLOURS), ("pattern", PATTERNS)):
-        if concept in values:
-            return name
-    raise KeyError(f"unknown toy concept {concept!r}")
+    """Which attribute ('object', 'colour' or 'pattern') a concept belongs to: a composition's first
+    part's, a category's members' common one (a category of mixed attributes raises KeyError)."""
+    op, parts = concept_parts(concept)
+    attrs = {_attribute(v) for v in parts}
+    if op == "or" and len(attrs) > 1:
+        raise KeyError(f"the members of {concept!r} are values of different attributes")
+    return _attribute(parts[0])
 
 
-def iter_prompts_naming(concept: str, n: int, seed: int, *, words: Sequence[str] | None = None,
+def _words_of(value: str) -> list[str]:
+    return {"object": OBJECT_WORDS, "colour": COLOUR_WORDS, "pattern": PATTERN_WORDS}[_attribute(value)][value]
+
+
+def iter_prompts_naming(concept: str, n: int, seed: int, *, words: Sequence[str] | dict | None = None,
                         exclude: Sequence[str] = ()) -> Iterator[tuple[str, Labels]]:
-    """`n` prompts that name `concept` (with one of `words`), with the labels they ask for."""
+    """`n` prompts that name `concept`, with the labels they ask for. `words`: the words that name it
+    (a list for a value; for a composition or a category, {value: list}); the canonical word by default.
+    A composition fixes every part; a category's prompts name its members in turn."""
+    op, parts = concept_parts(concept)
+    if not isinstance(words, dict):
+        words = {parts[0]: list(words)} if words else {}
+    if op == "or":
+        gens = [iter_prompts_naming(v, -(-n // len(parts)), seed + 7919 * k, words=words.get(v), exclude=exclude)
+                for k, v in enumerate(parts)]
+        for i in range(n):
+            yield next(gens[i % len(parts)])
+        return
     rng = np.random.default_rng(seed)
-    attr = attribute_of(concept)
-    table = {"object": OBJECT_WORDS, "colour": COLOUR_WORDS, "pattern": PATTERN_WORDS}[attr]
-    words = list(words) if words else table[concept][:1]
+    fixed = {_attribute(v): v for v in parts}
     for _ in range(n):
         while True:
-            lab = random_labels(rng)
-            lab = dataclasses.replace(lab, **{attr: concept})
+            lab = dataclasses.replace(random_labels(rng), **fixed)
             if not any(concept_predicate(e)(lab) for e in exclude):
                 break
         fields = {
@@ -230,7 +261,9 @@ def iter_prompts_naming(concept: str, n: int, seed: int, *, words: Sequence[str]
             "pattern": PATTERN_WORDS[lab.pattern][0],
             "object": OBJECT_WORDS[lab.object][0],
         }
-        fields[attr] = words[rng.integers(len(words))]
+        for v in parts:
+            ws = list(words.get(v) or _words_of(v)[:1])
+            fields[_attribute(v)] = ws[rng.integers(len(ws))]
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
         if fields["pattern"].startswith("with ") and "{pattern} {" in template:
             template = "a {colour} {object} {pattern}"
