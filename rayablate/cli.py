@@ -44,6 +44,8 @@ OVERRIDES = {
     "w_reg": ("w_reg", float, "anchor regularizer weight"),
     "w_pres": ("w_pres", float, "preservation weight"),
     "w_uncond": ("w_uncond", float, "unconditional-prediction preservation weight (robust mode: 30)"),
+    "negative_guidance": ("negative_guidance", float, "ESD's eta: ablation rows match eps_0(c) - eta (eps_0(c*) - "
+                                                      "eps_0(c)), pushed away from the target (0: off)"),
     "w_con": ("w_con", float, "contrastive weight (0 disables the term)"),
     "w_adv": ("w_adv", float, "adversarial weight (0 disables the discriminator)"),
     "num_anchor_images": ("num_anchor_images", int, "anchor images to generate"),

@@ -92,6 +92,10 @@ class AblationConfig:
     # unconditional preservation: eps_theta(z_t, "") = eps_0(z_t, "") on every row. Classifier-free
     # guidance multiplies any drift of that branch (robust mode turns it on, see ROBUST_DEFAULTS)
     w_uncond: float = 0.0
+    # negative guidance (ESD's eta) of the model-based match: ablation rows match
+    # eps_0(c) - eta * (eps_0(c*) - eps_0(c)), pushed away from the target, not only to the anchor.
+    # With the empty anchor, eps_0("") alone still draws the target as often as the unconditional model does
+    negative_guidance: float = 0.0
     margin: float = 0.01
     # cos(caption, concept prompt-ensemble) above which a row is an ablation row; 0.25 separates the
     # toy CLIP's target captions (>= 0.34) from the others (<= 0.20); real CLIPs sit higher (~0.7-0.8).
@@ -367,7 +371,10 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         v = getattr(cfg, name)
         if not (v > 0) or not math.isfinite(v):
             raise ConfigError(name, f"must be a finite number > 0, got {v}")
-    for name in ("w_match", "w_reg", "w_pres", "w_con", "w_adv", "w_uncond", "margin"):
+    if cfg.negative_guidance and cfg.match != "model":
+        raise ConfigError("negative_guidance", f"shapes the model-based match's target; match is {cfg.match!r}: "
+                                               "set match: model or negative_guidance: 0")
+    for name in ("w_match", "w_reg", "w_pres", "w_con", "w_adv", "w_uncond", "margin", "negative_guidance"):
         v = getattr(cfg, name)
         if not (v >= 0) or not math.isfinite(v):
             raise ConfigError(name, f"must be a finite number >= 0, got {v}")

@@ -356,9 +356,14 @@ class Ablation:
         t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
         zero = torch.zeros((), device=self.device)
         terms = {k: zero for k in TERMS}
-        if cfg.w_match > 0:
-            terms["match"] = (L.match_model_based(s_target, t_anchor, mask) if cfg.match == "model"
-                              else L.match_noise_based(s_target, target, mask))
+        if cfg.w_match > 0 and cfg.match == "model":
+            t_match = t_anchor
+            if cfg.negative_guidance > 0 and has_abl:  # ESD's target: away from c*, from the anchor
+                t_match = t_anchor.clone()
+                t_match[abl] = t_anchor[abl] - cfg.negative_guidance * (teacher("target", abl) - t_anchor[abl])
+            terms["match"] = L.match_model_based(s_target, t_match, mask)
+        elif cfg.w_match > 0:
+            terms["match"] = L.match_noise_based(s_target, target, mask)
         if cfg.w_reg > 0:
             terms["reg"] = on * L.anchor_regularizer(student("anchor", abl_fwd), target[abl_fwd])
         if cfg.w_pres > 0:

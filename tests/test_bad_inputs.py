@@ -187,6 +187,12 @@ CATALOGUE = [
      r"concept\.anchor: anchor_kind empty has no anchor word"),
     ("noise-anchor-contrastive", "train", yaml_file("concept:\n  anchor_kind: noise\nw_con: 0.1\n"),
      r"w_con: anchor_kind noise is an image with no anchor caption"),
+    # target kinds
+    ("unsafe-no-members", "train", flags("--kind", "unsafe", "--target", "faces"),
+     r"concept\.members: kind unsafe needs the category's member words"),
+    ("members-not-unsafe", "train", flags("--members", "zorb,kubo"), r"concept\.members: only kind unsafe has members"),
+    ("prompt-one-word", "train", flags("--kind", "prompt"), r"concept\.target: kind prompt removes a composition"),
+    ("memorized-not-built", "train", flags("--kind", "memorized"), r"concept\.kind: kind memorized is not built yet"),
     # values
     ("steps-zero", "train", flags("--steps", "0"), r"steps: must be >= 1, got 0"),
     ("workers-zero", "train", flags("--num-workers", "0"), r"num_workers: must be >= 1"),

@@ -126,6 +126,17 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
     assert terms["uncond"] > 0
     assert out["total"].item() == pytest.approx(terms["match"] + 3.0 * terms["uncond"], rel=1e-6)
 
+    # negative guidance: the match's target moves away from eps_0(c*), one more teacher forward (c*)
+    only_match = dict(w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0)
+    match = {}
+    for eta in (0.0, 0.0, 1.0):
+        torch.manual_seed(0)  # the same perturbation each time: only eta differs
+        _, out = run(_cfg(negative_guidance=eta, **only_match), perturb=True)
+        assert calls == {"student": 1, "teacher": 2 if eta else 1}
+        match.setdefault(eta, []).append(out["terms"]["match"].item())
+    assert match[0.0][0] == pytest.approx(match[0.0][1], rel=1e-6)
+    assert match[1.0][0] != pytest.approx(match[0.0][0], rel=1e-3)
+
 
 def test_shard_cache_order_is_canonical_and_each_epoch_is_a_seeded_permutation():
     """No Ray: the in-memory shard behind epochs 2+ does not depend on the order Ray Data delivered
