@@ -105,8 +105,12 @@ def test_kind_prompt_needs_a_composition():
 
 # --- kind unsafe ------------------------------------------------------------------------------------
 
+FACES = {"target": "face characters", "kind": "unsafe", "members": ["zorb", "kubo"],
+         "neighbours": ["circle", "square", "dotted"]}
+
+
 def test_a_category_defaults_to_the_empty_anchor_and_names_each_member():
-    cfg = load_config("configs/unsafe_faces.yaml")
+    cfg = config_from_dict({"concept": FACES})
     c = cfg.concept
     assert c.anchor_kind == "empty" and c.anchor == "" and P.target_concept(c) == "zorb or kubo"
     w = ToyWorld()
@@ -125,6 +129,7 @@ def test_a_category_defaults_to_the_empty_anchor_and_names_each_member():
 
 def test_a_categorys_clip_mask_scores_each_member_on_its_own():
     cfg = load_config("configs/unsafe_faces.yaml")
+    assert cfg.concept.anchor == "circle" and P.target_concept(cfg.concept) == "zorb or kubo"
     mask, _ = mask_of(masker(cfg, ToyWorld()), ["a red plain zorb", "a blue kubo, dotted", "a red plain circle",
                                                 "a green striped square", "a yellow triangle, checkered"])
     assert mask == [1, 1, 0, 0, 0]
@@ -157,3 +162,29 @@ def test_a_real_models_category_fills_its_templates_with_each_member():
 def test_bad_kind_fields_are_named(concept, field):
     with pytest.raises(ConfigError, match=field):
         config_from_dict({"concept": concept})
+
+
+# --- a small ablation: the composition goes, its parts stay -----------------------------------------
+
+@pytest.mark.slow
+def test_a_composition_goes_while_its_parts_stay(tmp_path):
+    """kind prompt, in process on the bundled toy model with a small budget: "striped zorb" is no
+    longer drawn, striped non-zorbs and zorbs of other patterns still are."""
+    import rayablate
+    from rayablate.pipeline import load_pipeline
+
+    cfg = load_config("configs/prompt_striped_zorb.yaml")
+    pipe = load_pipeline(bundle_paths()["sd"])
+    # the small budget: the config's w_pres 30 (for the entangled "striped kubo") needs its 100 steps
+    delta = rayablate.ablate(pipe, cfg.concept, config=cfg, steps=STEPS, w_pres=10.0, num_anchor_images=32,
+                             num_preservation_images=32, anchor_steps=10, progress=False)
+    after = load_pipeline(bundle_paths()["sd"])
+    delta.apply(after)
+    report = rayablate.evaluate(pipe, after, cfg.concept, config=cfg, num_images=16)
+    rate = {g: (m["concept_rate_before"], m["concept_rate_after"]) for g, m in report.items()}
+    assert rate["target"][0] >= 0.9 and rate["target"][1] <= 0.15, rate
+    for part in ("neighbours.striped", "neighbours.zorb", "anchor"):
+        assert rate[part][1] >= 0.85 * rate[part][0], (part, rate)
+
+
+STEPS = 40
