@@ -201,13 +201,18 @@ class _Worker:
         if self.faults is not None:
             self.faults.started(self.rank)
         t0 = time.time()
-        self.ablation = Ablation(load_pipeline(config["model_path"]), cfg, self.device, self.rank,
-                                 int(config.get("disc_width", 64)))
+        pipe = load_pipeline(config["model_path"])
+        t_load = time.time()
+        self.ablation = Ablation(pipe, cfg, self.device, self.rank, int(config.get("disc_width", 64)))
+        t_models = time.time()
         self.optim = EngineOptimizers(self.ablation)
+        t_engines = time.time()
         self.pos, self.history = Position(), []
         self._restore()
         self.start_step = self.pos.step
-        self.log(f"rank 0 of {self.world}: setup {time.time() - t0:.1f} s; training {cfg.param_group} "
+        self.log(f"rank 0 of {self.world}: setup {time.time() - t0:.1f} s (load {t_load - t0:.1f}, models "
+                 f"{t_models - t_load:.1f}, engines {t_engines - t_models:.1f}, restore {time.time() - t_engines:.1f}); "
+                 f"training {cfg.param_group} "
                  f"({len(self.ablation.trainable_names)} tensors) for {cfg.steps} steps, ZeRO-{cfg.zero_stage}, "
                  f"{cfg.precision}")
         self.window: list[dict] = []
