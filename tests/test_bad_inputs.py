@@ -4,8 +4,8 @@ in process. Plus the security rules: safetensors only, no code from configs or c
 
 Elsewhere in the catalogue: tests/test_jobs.py runs six cases through `python jobs/train.py` (a
 missing model path, lr 0, an unknown parameter group, target == anchor, an empty prompt file, an
-undecodable parquet image), tests/test_train.py stops a run on a non-finite loss, and
-tests/test_faults.py checks that such a run exits 2 through the CLI.
+undecodable parquet image), tests/test_train.py stops a run on a non-finite loss and checks
+that it exits 2 through the CLI.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def check_metrics(m: dict) -> dict:
 
 # The end-to-end run of jobs/train.py on the bundled model (every output file and metric group,
 # through `check_outputs`) is the last, resumed run of
-# tests/test_faults.py::test_interrupted_driver_leaves_nothing_half_written_and_the_same_command_resumes;
+# tests/test_faults.py::test_interrupted_driver_leaves_nothing_half_written_the_same_command_resumes_and_matches_the_api;
 # `ray job submit` against a started head (token auth, 2 workers) is
 # tests/test_cluster.py::test_two_node_cluster_trains_on_both_nodes_with_outputs_and_checkpoints_in_s3.
 

@@ -1,9 +1,17 @@
-"""Ray Train + DeepSpeed training of the matcher: replicas, parameter group, resume, non-finite losses.
+"""Ray Train + DeepSpeed training of the matcher: replicas, parameter group, a worker killed by its
+pid and restarted from its checkpoint (bit for bit), robust mode's resume, non-finite losses.
 
 One Ray instance (2 CPUs) serves the whole module; every run is a few steps of the tiny pipeline.
+tests/test_faults.py interrupts the driver itself.
 """
 import io
 import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +19,7 @@ import pytest
 from local_ray import start_local_ray
 import torch
 
-from rayablate.config import AblationConfig
+from rayablate.config import AblationConfig, to_dict
 from rayablate.faults import Faults
 from rayablate.train import DELTA_NAME, METRICS_NAME, TERMS
 
@@ -201,42 +209,102 @@ def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_pa
     assert changed <= group, sorted(changed - group)
 
 
+def _registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoint folders Ray Train's snapshot of the run lists (registered, not half-written)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+    except OSError:
+        return True
+
+
+def wait_for(cond, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.mark.slow
-def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(reference_run, ray_session, train_ds,
-                                                                            tiny_sd_path, tmp_path):
-    """A run stopped after its step-3 checkpoint, rerun with the same storage and name, ends where
-    the uninterrupted reference run ends, also when a worker fails once more on the way (Ray
-    restarts the worker group from the latest checkpoint inside the same fit)."""
+def test_killed_worker_restarts_from_its_checkpoint_and_matches_the_uninterrupted_run_bitwise(
+        reference_run, train_ds, tiny_sd_path, tmp_path):
+    """The reference's config and seed again, but rank 1's process is SIGKILLed (by its pid, from the
+    test) right after the step-3 checkpoint: FailureConfig(max_failures=1) restarts the worker group
+    from that checkpoint, and the run ends where the uninterrupted one ends, bit for bit. (That is
+    also the determinism check: two runs of one config and seed give the same delta.)"""
     from rayablate.pipeline import read_delta
+    from rayablate.report import report_markdown
     from rayablate.train import run_training
 
-    path, out = str(tiny_sd_path), str(tmp_path)
-    first = run_training(_two_worker_cfg(steps=3), train_ds, path, out, run_name="resumed")
-    assert first["start_step"] == 0 and first["final_step"] == 3
-    second = run_training(_two_worker_cfg(steps=6), train_ds, path, out, run_name="resumed", max_failures=1,
-                          faults=Faults(fail_at_step=5))  # rank 0 raises once, before step 5
-    assert second["worker_restarts"] == 1
-    assert second["start_step"] == 3 and second["final_step"] == 6  # it resumed; it did not retrain from 0
-    assert [m["step"] for m in second["metrics"]] == [3, 6]  # history carried over in the checkpoint
-    a, _ = read_delta(reference_run["delta_path"])
-    b, _ = read_delta(second["delta_path"])
+    pids, release = tmp_path / "pids", tmp_path / "release"
+    pids.mkdir()
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def train():
+        try:
+            result["ok"] = run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="killed",
+                                        max_failures=1, faults=Faults(pid_dir=str(pids), hold_at_step=3,
+                                                                      release_file=str(release)))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    t = threading.Thread(target=train, daemon=True)
+    t.start()
+    try:
+        run_dir = out / "ray" / "killed"
+        # every rank waits after the step-3 checkpoint: the kill lands mid-run, after Ray registered it
+        wait_for(lambda: (pids / "rank1.pid").exists() and "checkpoint_step0000003" in _registered_checkpoints(run_dir),
+                 300, "the step-3 checkpoint")
+        victim = int((pids / "rank1.pid").read_text())
+        assert victim != os.getpid()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: _dead(victim), 30, "the killed worker to die")
+    finally:
+        release.write_text("go\n")
+    t.join(timeout=400)
+    assert not t.is_alive(), "training did not finish after the kill"
+    assert "error" not in result, repr(result.get("error"))
+    res = result["ok"]
+    assert res["worker_restarts"] >= 1
+    assert res["start_step"] == 3 and res["final_step"] == 6  # restored from the checkpoint, not from step 0
+    assert [m["step"] for m in res["metrics"]] == [3, 6]  # the history came back with the checkpoint
+    assert int((pids / "rank1.pid").read_text()) != victim  # rank 1 runs in a new process
+    (a, meta_a), (b, meta_b) = read_delta(reference_run["delta_path"]), read_delta(res["delta_path"])
     assert a.keys() == b.keys() and a
-    # Tolerance: per-(rank, step) seeds, the restored Adam state and the same data order make the
-    # resumed run bitwise equal on CPU; 1e-6 absolute (weights are ~0.1, one step moves them by
-    # up to lr = 1e-3) leaves room only for float reduction-order noise, not for a lost or repeated step.
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= 1e-6, diff
-    assert second["metrics"][-1]["loss"] == pytest.approx(reference_run["metrics"][-1]["loss"], abs=1e-6)
+    # Bitwise: the restored Adam state, per-(rank, step) seeds and the same data order make the
+    # restart exact on CPU; a lost or repeated step, or another batch, moves weights by up to lr = 1e-3.
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+    assert meta_a == meta_b  # the file's bytes may differ: safetensors writes metadata in hash-map order
+    assert [m["loss"] for m in res["metrics"]] == [m["loss"] for m in reference_run["metrics"]]
+    report = report_markdown({"config": to_dict(_two_worker_cfg()), "restarts": res["worker_restarts"]}, [])
+    assert f"Worker restarts during training: {res['worker_restarts']} (a worker failed" in report
+    assert "restarted the worker group from the latest checkpoint" in report
 
 
-def test_non_finite_loss_stops_with_the_step_and_writes_no_delta(ray_session, train_ds, tiny_sd_path, tmp_path):
+def test_non_finite_loss_exits_2_through_the_cli_naming_the_step(ray_session, train_ds, tiny_sd_path, tmp_path,
+                                                               capsys):
+    from rayablate.cli import guarded
     from rayablate.train import run_training
 
-    cfg = _cfg(lr_matcher=1e30, steps=4, checkpoint_every=4)  # step 1's update makes every later loss inf/nan
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step [2-4]\b"):
-        run_training(cfg, train_ds, str(tiny_sd_path), str(tmp_path), run_name="nan")
+    cfg = _cfg(lr_matcher=1e30, steps=3, checkpoint_every=3)  # step 1's update poisons step 2
+    rc = guarded(lambda: run_training(cfg, train_ds, str(tiny_sd_path), str(tmp_path), run_name="nan"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert re.search(r"error: training diverged: non-finite loss at step [23]\b.*no delta was saved", err), err
     assert not (tmp_path / DELTA_NAME).exists()
-
+    assert not list((tmp_path / "ray").rglob(DELTA_NAME)), "a checkpoint holds a poisoned delta"
 
 @pytest.mark.slow
 def test_robust_mode_keeps_replicas_checkpoints_its_attacker_and_resumes_exactly(ray_session, train_ds, tiny_sd_path,
@@ -255,8 +323,6 @@ def test_robust_mode_keeps_replicas_checkpoints_its_attacker_and_resumes_exactly
     assert len(set(full["replica_hashes"])) == 1
     # rank 0's windows: a window whose batches held no ablation row has robust == 0
     assert any(m["robust"] > 0 and np.isfinite(m["inner_loss"]) for m in full["metrics"]), full["metrics"]
-    from pathlib import Path
-
     ckpt = Path(full["checkpoint_path"])
     assert sorted(p.name for p in ckpt.glob("robust_rank*.pt")) == ["robust_rank0.pt", "robust_rank1.pt"]
     state = [torch.load(ckpt / f"robust_rank{r}.pt", weights_only=True) for r in (0, 1)]
