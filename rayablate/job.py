@@ -279,7 +279,10 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
                              max_failures=max_failures, cpus_per_worker=cpus_per_worker,
                              worker_resources=worker_resources)
         stages["training"] = time.time() - t
-        log(f"    trained in {stages['training']:.0f}s (restarts: {train['worker_restarts']})")
+        if train.get("already_trained"):
+            log(f"    already trained to step {cfg.steps}: its last checkpoint is the delta (not retrained)")
+        else:
+            log(f"    trained in {stages['training']:.0f}s (restarts: {train['worker_restarts']})")
     train["stage_seconds"] = stages
     metrics = None
     if evaluation == "full":

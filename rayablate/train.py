@@ -483,6 +483,10 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     storage, run_name = _run_storage(cfg, output_dir, run_name, resume)
+    if resume and faults is None and _is_local(storage):
+        done = _finished_run(Path(storage) / run_name, cfg, output_dir)
+        if done is not None:
+            return done
     if not ray.is_initialized():
         ray.init()
     from . import console
@@ -528,6 +532,34 @@ def _run_storage(cfg: AblationConfig, output_dir: Path, run_name: str, resume: b
     elif not resume:
         run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return storage, run_name
+
+
+# Settings a finished run's training does not depend on (a rerun may change them and keep the run).
+_NOT_TRAINING = ("eval_images", "eval_steps", "eval_seed", "storage_path", "report_every")
+
+
+def _finished_run(run_dir: Path, cfg: AblationConfig, output_dir: Path) -> dict | None:
+    """`run_training`'s outputs, without starting a worker group, when the run's latest registered
+    checkpoint already ends at `cfg.steps` with the same training settings (a rerun of a finished
+    job, Tune's last rung); None otherwise (Ray Train then resumes or starts the run)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        ckpt = run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+        state = json.loads((ckpt / STATE_NAME).read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mine = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_TRAINING}
+    theirs = {k: v for k, v in (state.get("ablation") or {}).items() if k not in _NOT_TRAINING}
+    if state.get("step") != cfg.steps or mine != theirs or not (ckpt / DELTA_NAME).exists():
+        return None
+    delta_path = output_dir / DELTA_NAME
+    with atomic(delta_path) as tmp:
+        shutil.copyfile(ckpt / DELTA_NAME, tmp)
+    history = state.get("history", [])
+    return {"delta_path": str(delta_path), "metrics": history,
+            "metrics_path": str(write_json(output_dir / METRICS_NAME, history)), "checkpoint_path": str(ckpt),
+            "run_path": str(run_dir), "start_step": cfg.steps, "final_step": cfg.steps, "wall_s": 0.0,
+            "worker_restarts": 0, "replica_hashes": [], "worker_node_ids": [], "already_trained": True}
 
 
 def _fit_outputs(result, output_dir: Path, wall: float, attempts: int) -> dict:

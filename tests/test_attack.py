@@ -86,16 +86,17 @@ def test_attack_settings_are_checked_with_the_field_named():
 
 @pytest.mark.slow
 def test_robust_training_lowers_the_attacked_rate_below_the_default_on_the_same_seed(toy_pipe):
-    """The same 40 steps, seed and data sizes, with and without robust mode (its own defaults: xattn,
-    heavier preservation), then the same attack: the robust delta gives less of the concept back."""
+    """The same 20 steps, seed and data sizes, with and without robust mode (its own defaults: xattn,
+    heavier preservation), then the same 80-step attack: the robust delta gives less of the concept
+    back (measured: 0.31 against 0.94 of 16 images; at 40 steps and a 120-step attack, 0.00 against 0.94)."""
     import rayablate
 
     rates = {}
     for robust in (False, True):
-        delta = rayablate.ablate(toy_pipe, ZORB, steps=40, progress=False, robust=robust, w_pres=10.0,
+        delta = rayablate.ablate(toy_pipe, ZORB, steps=20, progress=False, robust=robust, w_pres=10.0,
                                  num_anchor_images=32, num_preservation_images=32)
         edited = delta.apply(load_pipeline(bundle_paths()["sd"]))
-        rates[robust] = _attacked_rate(edited, ZORB, A.InversionSettings(steps=120, num_references=128))
+        rates[robust] = _attacked_rate(edited, ZORB, A.InversionSettings(steps=80, num_references=128))
     assert rates[True] < rates[False] - 0.2, rates
 
 

@@ -209,6 +209,26 @@ def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_pa
     assert changed <= group, sorted(changed - group)
 
 
+def test_a_finished_run_is_not_started_again(reference_run, train_ds, tiny_sd_path):
+    """Rerunning a finished run (a rerun job, Tune's last rung) reuses its last checkpoint without a
+    worker group; a changed training setting does not."""
+    from rayablate.pipeline import read_delta
+    from rayablate.train import _finished_run, run_training
+
+    out = Path(reference_run["delta_path"]).parent
+    before = read_delta(reference_run["delta_path"])[0]
+    t = time.time()
+    again = run_training(_two_worker_cfg(eval_seed=7), train_ds, str(tiny_sd_path), str(out), run_name="reference")
+    assert again.get("already_trained") and again["final_step"] == 6 and time.time() - t < 5
+    assert again["metrics"] == reference_run["metrics"]
+    after = read_delta(again["delta_path"])[0]
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    run_dir = out / "ray" / "reference"
+    assert _finished_run(run_dir, _two_worker_cfg(), out) is not None
+    assert _finished_run(run_dir, _two_worker_cfg(lr_matcher=2e-3), out) is None
+    assert _finished_run(run_dir, _two_worker_cfg(steps=9), out) is None
+
+
 def _registered_checkpoints(run_dir: Path) -> list[str]:
     """The checkpoint folders Ray Train's snapshot of the run lists (registered, not half-written)."""
     try:
