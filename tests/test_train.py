@@ -144,6 +144,10 @@ def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path)
         match.setdefault(eta, []).append(out["terms"]["match"].item())
     assert match[0.0][0] == pytest.approx(match[0.0][1], rel=1e-6)
     assert match[1.0][0] != pytest.approx(match[0.0][0], rel=1e-3)
+    # ... and the contrastive term reuses that eps_0(c*) forward instead of running its own
+    _, out = run(_cfg(negative_guidance=1.0, **{**only_match, "w_con": 0.1}), perturb=True)
+    assert calls == {"student": 1, "teacher": 2}
+    assert out["terms"]["con"].item() > 0
 
 
 def test_shard_cache_order_is_canonical_and_each_epoch_is_a_seeded_permutation():
