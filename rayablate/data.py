@@ -44,10 +44,9 @@ class ClipMasker:
         self.guard = [[w.lower() for w in g] for g in guard or []]
 
     def _names_all(self, caption: str) -> bool:
-        import re
+        from .prompts import names_word
 
-        text = caption.lower()
-        return all(any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text) for w in g) for g in self.guard)
+        return all(any(names_word(caption, w) for w in g) for g in self.guard)
 
     def __call__(self, batch: dict) -> dict:
         caps = [str(c) for c in batch["target_caption"]]

@@ -11,11 +11,19 @@ import numpy as np
 from .config import ConceptSpec, ConfigError, read_text_file
 
 
+def word_pattern(word: str) -> re.Pattern:
+    """`word` as a whole word (not inside another word), any case."""
+    return re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])", re.IGNORECASE)
+
+
+def names_word(text: str, word: str) -> bool:
+    return word_pattern(word).search(text) is not None
+
+
 def _replace_words(text: str, words: list[str], by: str) -> tuple[str, bool]:
     hit = False
     for w in sorted(set(words), key=len, reverse=True):
-        pattern = re.compile(rf"(?<![\w]){re.escape(w)}(?![\w])", re.IGNORECASE)
-        text, n = pattern.subn(by, text)
+        text, n = word_pattern(w).subn(by, text)
         hit = hit or n > 0
     return text, hit
 
