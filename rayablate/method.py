@@ -354,20 +354,17 @@ class Ablation:
         need_s_target = cfg.w_match > 0 or cfg.w_pres > 0 or cfg.w_con > 0 or cfg.w_adv > 0
         s_target = student("target") if need_s_target else None  # eps_theta(c*); eps_theta(c_i) on pres rows
         t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
+        # eps_0(c*) on the ablation rows, once: negative guidance and the contrastive term share it
+        need_t_target = has_abl and (cfg.w_con > 0 or (cfg.w_match > 0 and cfg.match == "model"
+                                                       and cfg.negative_guidance > 0))
+        t_target = teacher("target", abl) if need_t_target else None
         zero = torch.zeros((), device=self.device)
         terms = {k: zero for k in TERMS}
-        once: dict = {}
-
-        def t_target_abl():  # eps_0(c*) on the ablation rows: negative guidance and the contrastive term share it
-            if "t" not in once:
-                once["t"] = teacher("target", abl)
-            return once["t"]
-
         if cfg.w_match > 0 and cfg.match == "model":
             t_match = t_anchor
             if cfg.negative_guidance > 0 and has_abl:  # ESD's target: away from c*, from the anchor
                 t_match = t_anchor.clone()
-                t_match[abl] = t_anchor[abl] - cfg.negative_guidance * (t_target_abl() - t_anchor[abl])
+                t_match[abl] = t_anchor[abl] - cfg.negative_guidance * (t_target - t_anchor[abl])
             terms["match"] = L.match_model_based(s_target, t_match, mask)
         elif cfg.w_match > 0:
             terms["match"] = L.match_noise_based(s_target, target, mask)
@@ -376,7 +373,7 @@ class Ablation:
         if cfg.w_pres > 0:
             terms["pres"] = L.preservation(s_target, t_anchor, mask)
         if cfg.w_con > 0 and has_abl:
-            terms["con"] = L.contrastive_margin(s_target[abl], t_anchor[abl], t_target_abl(), cfg.margin)
+            terms["con"] = L.contrastive_margin(s_target[abl], t_anchor[abl], t_target, cfg.margin)
         d_loss = None
         if cfg.w_adv > 0:
             terms["adv"], d_loss = self._adversarial(z_t, t, s_target, t_anchor, mask)
