@@ -184,11 +184,12 @@ def remove_partial_outputs(out: Path, run_dir: Path | None = None) -> list[Path]
     if out.is_dir():
         gone += [p for p in out.iterdir() if p.name.endswith((".tmp", ".tmp.png"))]
     if run_dir is not None and run_dir.is_dir():
+        from .train import read_snapshot
+
         listed: set[str] = set()
-        snap = run_dir / "checkpoint_manager_snapshot.json"
         try:
-            listed = {r["checkpoint_dir_name"] for r in json.loads(snap.read_text())["checkpoint_results"]}
-        except (OSError, ValueError, KeyError, TypeError):
+            listed = {r["checkpoint_dir_name"] for r in read_snapshot(run_dir)["checkpoint_results"]}
+        except (KeyError, TypeError):
             pass  # no snapshot: Ray resumes from no checkpoint, so every folder is unused
         gone += [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in listed]
     for p in gone:

@@ -34,6 +34,7 @@ from .resources import cpu_share
 DELTA_NAME = "matcher_delta.safetensors"
 STATE_NAME = "train_state.json"
 METRICS_NAME = "train_metrics.json"
+SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 
 __all__ = ["DELTA_NAME", "METRICS_NAME", "STATE_NAME", "TERMS", "run_training", "make_trainer",
            "train_loop_per_worker", "EngineOptimizers", "weights_only_load"]
@@ -538,13 +539,20 @@ def _run_storage(cfg: AblationConfig, output_dir: Path, run_name: str, resume: b
 _NOT_TRAINING = ("eval_images", "eval_steps", "eval_seed", "storage_path", "report_every")
 
 
+def read_snapshot(run_dir: str | Path) -> dict | None:
+    """A local Ray Train run folder's checkpoint snapshot (which checkpoints it registered), or None."""
+    try:
+        return json.loads(Path(run_dir, SNAPSHOT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _finished_run(run_dir: Path, cfg: AblationConfig, output_dir: Path) -> dict | None:
     """`run_training`'s outputs, without starting a worker group, when the run's latest registered
     checkpoint already ends at `cfg.steps` with the same training settings (a rerun of a finished
     job, Tune's last rung); None otherwise (Ray Train then resumes or starts the run)."""
     try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        ckpt = run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+        ckpt = run_dir / read_snapshot(run_dir)["latest_checkpoint_result"]["checkpoint_dir_name"]
         state = json.loads((ckpt / STATE_NAME).read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -552,29 +560,28 @@ def _finished_run(run_dir: Path, cfg: AblationConfig, output_dir: Path) -> dict 
     theirs = {k: v for k, v in (state.get("ablation") or {}).items() if k not in _NOT_TRAINING}
     if state.get("step") != cfg.steps or mine != theirs or not (ckpt / DELTA_NAME).exists():
         return None
-    delta_path = output_dir / DELTA_NAME
-    with atomic(delta_path) as tmp:
-        shutil.copyfile(ckpt / DELTA_NAME, tmp)
-    history = state.get("history", [])
-    return {"delta_path": str(delta_path), "metrics": history,
-            "metrics_path": str(write_json(output_dir / METRICS_NAME, history)), "checkpoint_path": str(ckpt),
+    return {**_copy_outputs(ckpt, output_dir, state.get("history", [])), "checkpoint_path": str(ckpt),
             "run_path": str(run_dir), "start_step": cfg.steps, "final_step": cfg.steps, "wall_s": 0.0,
             "worker_restarts": 0, "replica_hashes": [], "worker_node_ids": [], "already_trained": True}
+
+
+def _copy_outputs(ckpt_dir: str | Path, output_dir: Path, history: list[dict]) -> dict:
+    """A checkpoint's delta copied to `output_dir` and the metric history written beside it."""
+    delta_path = output_dir / DELTA_NAME
+    with atomic(delta_path) as tmp:
+        shutil.copyfile(Path(ckpt_dir, DELTA_NAME), tmp)
+    return {"delta_path": str(delta_path), "metrics": history,
+            "metrics_path": str(write_json(output_dir / METRICS_NAME, history))}
 
 
 def _fit_outputs(result, output_dir: Path, wall: float, attempts: int) -> dict:
     """Copy the final checkpoint's delta and write the metric history; `run_training`'s return value."""
     ret = result.return_value or {}
-    delta_path = output_dir / DELTA_NAME
-    with result.checkpoint.as_directory() as d, atomic(delta_path) as tmp:
+    with result.checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_NAME).read_text())
-        shutil.copyfile(Path(d, DELTA_NAME), tmp)
-    history = ret.get("history") or state.get("history", [])
-    metrics_path = write_json(output_dir / METRICS_NAME, history)
+        outputs = _copy_outputs(d, output_dir, ret.get("history") or state.get("history", []))
     return {
-        "delta_path": str(delta_path),
-        "metrics": history,
-        "metrics_path": str(metrics_path),
+        **outputs,
         "checkpoint_path": result.checkpoint.path,
         "run_path": result.path,
         "start_step": ret.get("start_step"),

@@ -235,11 +235,10 @@ def test_a_finished_run_is_not_started_again(reference_run, train_ds, tiny_sd_pa
 
 def _registered_checkpoints(run_dir: Path) -> list[str]:
     """The checkpoint folders Ray Train's snapshot of the run lists (registered, not half-written)."""
-    try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+    from rayablate.train import read_snapshot
+
+    snap = read_snapshot(run_dir)
+    return [] if snap is None else [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
 
 
 def _dead(pid: int) -> bool:
