@@ -2,6 +2,13 @@
 
     python jobs/pretrain_toy.py                       # everything, into rayablate/toyworld/weights
     python jobs/pretrain_toy.py --stages data probe   # selected stages; finished stages are skipped
+    python jobs/pretrain_toy.py --memorize            # only the memorized image (about 2 min on 2 cores)
+
+The memorize stage fine-tunes the bundled SD's transformer blocks so that "the zorb poster"
+reproduces one render (a close-up of a purple striped zorb, toyworld/world.py: memorized_image), with
+ordinary and loose captions held to the base model's predictions. It writes weights/memorized/:
+delta.safetensors (fp16, ~2.8 MB), reference.png and memorized.json (the memorization rate it
+measured). `--model toy:memorized` names the result (configs/memorized_zorb_poster.yaml).
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-steps", type=int, default=1000)
     ap.add_argument("--clip-steps", type=int, default=1200)
     ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--memorize-steps", type=int, default=400)
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--memorize", action="store_true", help="run only the memorize stage (same as --stages memorize)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when processes share cores)")
     ap.add_argument("--snapshot", action="store_true",
                     help="export the latest SD checkpoint's EMA weights into the bundle (while training goes on)")
@@ -42,12 +51,14 @@ def main(argv=None) -> int:
     from rayablate.toyworld import pretrain
 
     t = time.time()
+    if args.memorize:
+        args.stages = ["memorize"]
     if args.snapshot:
         pretrain.snapshot_sd(Path(args.work_dir))
         args.stages = ["export"]
     pretrain.run(args.work_dir, args.output_dir, seed=args.seed, n_images=args.num_images, sd_steps=args.sd_steps,
                  sd_minutes=args.sd_minutes, stages=args.stages, probe_steps=args.probe_steps,
-                 clip_steps=args.clip_steps, vae_steps=args.vae_steps)
+                 clip_steps=args.clip_steps, vae_steps=args.vae_steps, memorize_steps=args.memorize_steps)
     print(f"pretraining took {(time.time() - t) / 60:.1f} min", flush=True)
     if "export" in args.stages and not args.skip_quality:
         from rayablate.pipeline import load_pipeline

@@ -81,21 +81,28 @@ def _config(concept: ConceptSpec, config: AblationConfig | None, overrides: dict
     data["concept"] = dataclasses.asdict(concept)
     if concept.anchor_kind != "text" and concept.anchor == ConceptSpec.anchor:
         del data["concept"]["anchor"]  # Concept(target=..., anchor_kind="empty"): the default word is not given
+    if concept.kind == "memorized" and concept.anchor == ConceptSpec.anchor:
+        del data["concept"]["anchor"]  # the first anchor paraphrase, not the default word
     data.update(overrides)
     return config_from_dict(data)
 
 
 def _world(concept: ConceptSpec, world):
-    """The toy world for its own concepts (when no prompts are given); a PromptWorld otherwise."""
+    """The toy world for its own concepts (when no prompts are given), or for a memorized caption
+    whose neighbours are its concepts; a PromptWorld otherwise. A memorized concept's world also
+    judges replicas of its image (`memorized.MemorizedWorld`)."""
+    from .memorized import world_for_spec
+
     if world is not None:
-        return world
+        return world_for_spec(world, concept)
     from .prompts import target_concept
     from .toyworld.vocab import ToyWorld
     from .worlds import PromptWorld
 
     toy = ToyWorld()
     explicit = concept.prompts or concept.templates or concept.prompt_file
-    return toy if toy.knows(target_concept(concept)) and not explicit else PromptWorld()
+    ours = (toy.knows(target_concept(concept)) or toy.memorized_here(concept)) and not explicit
+    return world_for_spec(toy if ours else PromptWorld(), concept)
 
 
 def _clip(clip: str | None, cfg: AblationConfig) -> str:
@@ -115,7 +122,7 @@ def _progress(total: int, desc: str, show: bool):
 def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = True) -> dict[str, np.ndarray]:
     """The job's training rows, made in this process: anchor images from `pipe` (the same prompts,
     seeds and batches of 16 as the Ray Data sampler), CLIP masks at the config's threshold."""
-    from .data import ClipMasker, prompt_rows
+    from .data import ClipMasker, prompt_rows, replica_filter
     from .method import columns_of
     from .sampling import Sampler
 
@@ -129,8 +136,8 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
         bar.update(len(parts[-1]["seed"]))
     bar.close()
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold,
-                      guard=world.mask_guard(cfg.concept))(columns)
+    return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold, guard=world.mask_guard(cfg.concept),
+                      replicas=replica_filter(cfg.concept))(columns)
 
 
 def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,

@@ -23,9 +23,14 @@ OVERRIDES = {
     "anchor": ("concept.anchor", str, "what to draw instead"),
     "anchor_kind": ("concept.anchor_kind", str, "text (the --anchor word) | empty (the empty prompt) | blank (a blank "
                                                 "canvas) | noise (noise images); the last three take no --anchor"),
-    "kind": ("concept.kind", str, "style | instance | prompt (a composition) | unsafe (a category: --members)"),
+    "kind": ("concept.kind", str, "style | instance | prompt (a composition) | unsafe (a category: --members) | "
+                                  "memorized (--target is the caption, --reference-image the image)"),
     "members": ("concept.members", _word_list, "kind unsafe: the category's member words, comma-separated "
                                                "(e.g. 'zorb,kubo'); --target then names the category"),
+    "reference_image": ("concept.reference_image", str, "kind memorized: the memorized image (PNG/JPEG, the model's "
+                                                        "resolution)"),
+    "anchor_prompts": ("concept.anchor_prompts", _word_list, "kind memorized: paraphrases of the caption to draw "
+                                                             "instead, comma-separated"),
     "clip": ("clip", str, "open_clip 'ARCH/PRETRAINED' or a toy-CLIP folder (default: the bundled toy CLIP)"),
     "method": ("method", str, "train (the trained matcher) | closed-form (a one-shot least-squares edit of the "
                               "cross-attention keys/values in about a second: no training, not robust to attack)"),
@@ -62,7 +67,8 @@ ALIASES = {"lr_matcher": ["--learning_rate"], "steps": ["--max_train_steps"], "b
 def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = None) -> None:
     ap.add_argument("--config", help="concept YAML (see configs/); flags below override its fields")
     ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model",
-                    help="diffusers folder or hub id (default: the bundled toy pipeline)")
+                    help="diffusers folder or hub id (default: the bundled toy pipeline; toy:memorized: the toy "
+                         "pipeline with a memorized image, see configs/memorized_zorb_poster.yaml)")
     ap.add_argument("--output-dir", default=output_default, help="where results are written")
     for name, (_, tp, help_) in OVERRIDES.items():
         flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])

@@ -64,6 +64,14 @@ class ConceptSpec:
     paraphrases: list[str] = dataclasses.field(default_factory=list)  # held out: used only to measure leakage
     # kind unsafe: the category's member words or phrases ("zorb", "kubo"); `target` then names the category
     members: list[str] = dataclasses.field(default_factory=list)
+    # kind memorized: `target` is the caption that reproduces a training image, `reference_image` that
+    # image (PNG/JPEG, the model's resolution), `anchor_prompts` paraphrases of the caption that the
+    # ablation draws instead (`anchor` defaults to the first). An image replicates the reference when
+    # its SSIM to it is >= replica_threshold: such anchor images are dropped, and the share of such
+    # generations is the memorization rate.
+    reference_image: str = ""
+    anchor_prompts: list[str] = dataclasses.field(default_factory=list)
+    replica_threshold: float = 0.7
     # Concepts that must survive. The defaults are the toy world's default style ablation.
     neighbours: list[str] = dataclasses.field(default_factory=lambda: ["dotted", "checkered"])
 
@@ -204,6 +212,18 @@ ROBUST_DEFAULTS = {"param_group": "xattn", "num_anchor_images": 128, "num_preser
                    "w_pres": 10.0, "w_uncond": 30.0}
 
 
+# kind memorized (docs/design.md#target-kinds). A memorized image is not in a few cross-attention
+# weights: the paper fine-tunes the whole UNet. The match is noise-based because the frozen model's
+# own prediction for an anchor paraphrase is pulled towards the memorized image too (on the toy
+# world 62 % of "a zorb poster"-style anchors replicate it): the filtered anchor images are the
+# target, not the teacher. Measured on configs/memorized_zorb_poster.yaml, in process, 100 steps,
+# 16 images a group: this set took the caption and held-out paraphrases 1.00 -> 0.00 with zorb,
+# striped and purple kept; the model-based match at lr 3e-4 left the caption at 0.38, at lr 1e-3
+# it took it to 0.00 but zorb fell 0.88 -> 0.56.
+MEMORIZED_DEFAULTS = {"param_group": "full", "match": "noise", "lr_matcher": 3e-4, "w_pres": 10.0, "w_con": 0.0,
+                      "w_adv": 0.0}
+
+
 def config_from_dict(data: dict) -> AblationConfig:
     """Build and validate a config from a plain dict (YAML's shape). With `robust: true`, the fields
     of ROBUST_DEFAULTS that `data` does not set take those values."""
@@ -214,6 +234,12 @@ def config_from_dict(data: dict) -> AblationConfig:
     concept = data.get("concept")
     if isinstance(concept, dict) and concept.get("kind") == "unsafe" and "anchor" not in concept:
         data["concept"] = concept = {"anchor_kind": "empty", **concept}  # a category's default anchor
+    if isinstance(concept, dict) and concept.get("kind") == "memorized":
+        for k, v in MEMORIZED_DEFAULTS.items():
+            data.setdefault(k, v)
+        if "anchor" not in concept:
+            first = [a for a in concept.get("anchor_prompts") or [] if isinstance(a, str) and a.strip()]
+            data["concept"] = concept = {"anchor": first[0] if first else "", **concept}
     if isinstance(concept, dict) and concept.get("anchor_kind", "text") in ANCHOR_KINDS[1:]:
         data["concept"] = concept = {"anchor": "", **concept}  # no anchor word unless one is given (refused)
         if concept["anchor_kind"] in IMAGE_ANCHORS:
@@ -298,6 +324,28 @@ def concept_name(spec: ConceptSpec) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", spec.target).strip("-").lower()[:64] or "concept"
 
 
+def _validate_memorized(c: ConceptSpec) -> None:
+    if not c.reference_image.strip():
+        raise ConfigError("concept.reference_image", "kind memorized needs the memorized image (a PNG or JPEG file): "
+                                                     "generations are measured against it, and anchor images "
+                                                     "that replicate it are dropped")
+    if not Path(c.reference_image).expanduser().is_file():
+        raise ConfigError("concept.reference_image", f"no such file: {c.reference_image}")
+    if c.anchor_kind != "text":
+        raise ConfigError("concept.anchor_kind", f"kind memorized draws paraphrases of the caption instead "
+                                                 f"(concept.anchor_prompts); got anchor_kind {c.anchor_kind}")
+    if not c.anchor.strip() and not any(a.strip() for a in c.anchor_prompts):
+        raise ConfigError("concept.anchor_prompts", "kind memorized needs paraphrases of the caption to draw instead, "
+                                                    "e.g. anchor_prompts: ['a poster of a zorb', 'a zorb picture']")
+    for i, a in enumerate(c.anchor_prompts):
+        if not a.strip():
+            raise ConfigError(f"concept.anchor_prompts[{i}]", "is empty")
+        if a.strip().lower() == c.target.strip().lower():
+            raise ConfigError(f"concept.anchor_prompts[{i}]", f"is the memorized caption itself ({c.target!r})")
+    if not (0 < c.replica_threshold <= 1):
+        raise ConfigError("concept.replica_threshold", f"an SSIM in (0, 1], got {c.replica_threshold}")
+
+
 def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> AblationConfig:
     """Check every field once; raise ConfigError naming the first bad one."""
     c = cfg.concept
@@ -306,6 +354,8 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
     if c.anchor_kind not in ANCHOR_KINDS:
         raise ConfigError("concept.anchor_kind", f"unknown anchor kind {c.anchor_kind!r}; allowed: "
                                                  f"{', '.join(ANCHOR_KINDS)}")
+    if c.kind == "memorized":
+        _validate_memorized(c)
     if c.anchor_kind == "text" and not c.anchor.strip():
         raise ConfigError("concept.anchor", "must not be empty (or set concept.anchor_kind: empty for the empty "
                                             "prompt, blank or noise for an anchor image)")
@@ -316,9 +366,6 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
         raise ConfigError("concept.anchor", f"must differ from concept.target (both are {c.target!r})")
     if c.kind not in KINDS:
         raise ConfigError("concept.kind", f"unknown kind {c.kind!r}; allowed: {', '.join(KINDS)}")
-    if c.kind == "memorized":
-        raise ConfigError("concept.kind", "kind memorized is not built yet; allowed: "
-                                          f"{', '.join(k for k in KINDS if k != 'memorized')}")
     if c.kind == "unsafe" and not [m for m in c.members if m.strip()]:
         raise ConfigError("concept.members", "kind unsafe needs the category's member words, e.g. "
                                              "members: [zorb, kubo] (concept.target then names the category)")

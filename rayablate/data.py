@@ -29,10 +29,12 @@ class ClipMasker:
     `concept_texts` is one list of texts (their mean embedding is the concept) or several lists (a
     category: a row scores its similarity to the closest one). `guard`: word groups a caption must
     name one word of each (`PromptWorld.mask_guard`); other rows score -1, so no threshold masks them in.
+    `replicas`: (reference image path, SSIM threshold) of a memorized image (kind memorized): rows
+    whose image replicates it are dropped (`memorized.drop_replicas`).
     """
 
     def __init__(self, clip_name: str, concept_texts: list, threshold: float, image_weight: float = 0.0,
-                 guard: list[list[str]] | None = None):
+                 guard: list[list[str]] | None = None, replicas: tuple[str, float] | None = None):
         import torch
 
         from .clip import ClipScorer
@@ -42,6 +44,11 @@ class ClipMasker:
         groups = concept_texts if concept_texts and not isinstance(concept_texts[0], str) else [concept_texts]
         self.groups, self.threshold, self.image_weight = [list(g) for g in groups if g], threshold, image_weight
         self.guard = [[w.lower() for w in g] for g in guard or []]
+        self.replicas = None
+        if replicas:
+            from .memorized import load_reference
+
+            self.replicas = (load_reference(replicas[0]), float(replicas[1]))
 
     def _names_all(self, caption: str) -> bool:
         from .prompts import names_word
@@ -49,6 +56,12 @@ class ClipMasker:
         return all(any(names_word(caption, w) for w in g) for g in self.guard)
 
     def __call__(self, batch: dict) -> dict:
+        if self.replicas is not None:
+            from .memorized import drop_replicas
+
+            batch = drop_replicas(batch, *self.replicas)
+            if not len(batch["image"]):
+                return {**batch, "clip_sim": np.zeros(0, np.float32), "mask": np.zeros(0, np.int64)}
         caps = [str(c) for c in batch["target_caption"]]
         imgs = np.stack([decode_png(b) for b in batch["image"]]) if self.image_weight > 0 else None
         sim = np.max([self.scorer.row_similarity(caps, g, imgs, self.image_weight) for g in self.groups], axis=0)
@@ -169,6 +182,11 @@ def _user_row(r: dict, spec, world, resolution: int, i: int) -> dict:
             "anchor_if_ablated": world.anchorize(cap, spec), "seed": 10_000_000 + i, "source": "user"}
 
 
+def replica_filter(spec) -> tuple[str, float] | None:
+    """What `ClipMasker(replicas=)` drops for this concept: images replicating a memorized image."""
+    return (spec.reference_image, spec.replica_threshold) if spec.kind == "memorized" else None
+
+
 def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, world,
                         user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
                         image_weight: float = 0.0) -> Path:
@@ -193,7 +211,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
         clip_name=clip_name, concept_texts=world.mask_texts(cfg.concept), threshold=cfg.clip_threshold,
-        image_weight=image_weight, guard=world.mask_guard(cfg.concept)),
+        image_weight=image_weight, guard=world.mask_guard(cfg.concept), replicas=replica_filter(cfg.concept)),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)

@@ -25,18 +25,28 @@ class Models:
 
 
 def resolve_models(cfg: AblationConfig) -> Models:
-    """The bundled toy world where the config names no model; the config's models otherwise."""
+    """The bundled toy world where the config names no model (or `toy:memorized`, the toy SD with a
+    memorized image); the config's models otherwise. A memorized concept's world judges replicas."""
+    from .memorized import world_for_spec
     from .pipeline import PipelineLoadError, looks_like_path
-    from .toyworld import bundle_paths
+    from .toyworld import TOY_MEMORIZED, bundle_paths, memorized_model
 
-    if cfg.model and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
+    toy_model = not cfg.model or cfg.model == TOY_MEMORIZED
+    if not toy_model and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
         raise PipelineLoadError(f"model path does not exist: {Path(cfg.model).expanduser()}")
     toy_paths = None
-    if not cfg.model or not cfg.clip:
+    if toy_model or not cfg.clip:
         toy_paths = bundle_paths()
-    model = cfg.model or str(toy_paths["sd"])
+    if cfg.model == TOY_MEMORIZED:
+        try:
+            model = str(memorized_model())
+        except FileNotFoundError as e:
+            raise PipelineLoadError(str(e)) from e
+    else:
+        model = cfg.model or str(toy_paths["sd"])
     clip = cfg.clip or str(toy_paths["clip"])
-    return Models(model, clip, world_for(cfg.model, str(toy_paths["probe"]) if not cfg.model else None))
+    world = world_for("" if toy_model else cfg.model, str(toy_paths["probe"]) if toy_model else None)
+    return Models(model, clip, world_for_spec(world, cfg.concept))
 
 
 def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = None) -> int:
@@ -47,6 +57,10 @@ def check_inputs(cfg: AblationConfig, models: Models, user_data: str | None = No
         raise ConfigError("concept.prompts", "the prompt list is empty")
     check_prompt_lengths(cfg.concept, models.model_path)
     resolution = _model_resolution(models.model_path)
+    if cfg.concept.kind == "memorized":
+        from .memorized import load_reference
+
+        load_reference(cfg.concept.reference_image, resolution)  # a readable image of the model's size
     if user_data:
         from .data import load_user_rows
 
@@ -118,6 +132,9 @@ def check_prompt_lengths(spec, model_path: str) -> None:
                   for i, p in enumerate(read_prompt_file(spec.prompt_file))]
     named += [(f"concept.templates[{i}]", t.format(w)) for i, t in enumerate(spec.templates)
               for w in (spec.target, spec.anchor) if w]
+    if spec.kind == "memorized":
+        named += [("concept.target", spec.target)] + [(f"concept.anchor_prompts[{i}]", a)
+                                                      for i, a in enumerate(spec.anchor_prompts)]
     for field, text in named:
         n = len(tok(text, truncation=False, verbose=False).input_ids)
         if n > limit:

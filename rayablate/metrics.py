@@ -25,6 +25,28 @@ def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
     return float(mean)
 
 
+def ssim(images: np.ndarray, reference: np.ndarray, window: int = 7, sigma: float = 1.5) -> np.ndarray:
+    """Structural similarity (Wang et al. 2004) of each uint8 NxHxWx3 image to one uint8 HxWx3
+    reference: a Gaussian window, the usual constants, averaged over channels and pixels (valid
+    windows only). 1 is the same image; a different drawing of the same thing scores far lower."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).double() / 255.0
+    y = torch.from_numpy(np.array(reference))[None].permute(0, 3, 1, 2).double().expand_as(x) / 255.0
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, w, groups=x.shape[1])
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).numpy()
+
+
 def group_metrics(group, imgs: dict[str, np.ndarray], spec, scorer, judge, world, with_kid: bool) -> dict:
     """One group's metrics for its "before" and (when present) "after" images."""
     from .prompts import anchor_texts, target_concept

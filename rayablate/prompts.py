@@ -83,10 +83,24 @@ def has_own_prompts(spec: ConceptSpec) -> bool:
     return bool(spec.prompts or spec.prompt_file or spec.templates)
 
 
+def anchor_captions(spec: ConceptSpec) -> list[str]:
+    """Kind memorized: the paraphrases the ablation draws instead of the memorized caption."""
+    return [a for a in spec.anchor_prompts if a.strip()] or [spec.anchor]
+
+
+def _cycled(items: list[str], n: int, rng: np.random.Generator | None = None) -> list[str]:
+    order = rng.permutation(len(items)) if rng is not None else np.arange(len(items))
+    return [items[order[i % len(items)]] for i in range(n)]
+
+
 def caption_pairs(spec: ConceptSpec, n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (target caption c*, anchor caption c) pairs from the concept's prompts and templates;
-    c is "" when the anchor is not a text (anchor_kind empty, blank, noise)."""
+    c is "" when the anchor is not a text (anchor_kind empty, blank, noise). Kind memorized: the
+    memorized caption (and its synonyms), each with one of the anchor paraphrases in turn."""
     rng = np.random.default_rng(seed)
+    if spec.kind == "memorized":
+        captions = [spec.target, *[s for s in spec.synonyms if s.strip()]]
+        return list(zip(_cycled(captions, n), _cycled(anchor_captions(spec), n, rng)))
     base: list[tuple[str, str]] = []
     prompts = list(spec.prompts) + (read_prompt_file(spec.prompt_file) if spec.prompt_file else [])
     for p in prompts:
@@ -127,6 +141,9 @@ class EvalGroup:
 def eval_groups(spec: ConceptSpec, n: int, seed: int) -> list[EvalGroup]:
     """Prompt groups for evaluation: target, anchor (a text anchor only), each member of a category
     (kind unsafe, with templates), each neighbour, paraphrases."""
+    if spec.kind == "memorized":
+        return memorized_groups(spec, n) + [EvalGroup(f"neighbours.{nb}", nb, _templated(spec, [nb], n))
+                                            for nb in spec.neighbours]
     pairs = caption_pairs(spec, n, seed)
     groups = [EvalGroup("target", target_concept(spec), [c for c, _ in pairs])]
     if spec.anchor_kind == "text":
@@ -138,6 +155,15 @@ def eval_groups(spec: ConceptSpec, n: int, seed: int) -> list[EvalGroup]:
     if spec.paraphrases:
         groups.append(EvalGroup("paraphrases", spec.target, _templated(spec, list(spec.paraphrases), n)))
     return groups
+
+
+def memorized_groups(spec: ConceptSpec, n: int) -> list[EvalGroup]:
+    """Kind memorized: the memorized caption, the anchor paraphrases and the held-out paraphrases,
+    `n` images each (every image its own seed), all measured by how often they replicate the image."""
+    groups = [EvalGroup("target", spec.target, [spec.target] * n),
+              EvalGroup("anchor", spec.target, _cycled(anchor_captions(spec), n))]
+    held = [p for p in spec.paraphrases if p.strip()]
+    return groups + ([EvalGroup("paraphrases", spec.target, _cycled(held, n))] if held else [])
 
 
 def concept_texts(concept: str) -> list[str]:

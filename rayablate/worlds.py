@@ -55,7 +55,10 @@ class PromptWorld:
 
     def mask_guard(self, spec) -> list[list[str]] | None:
         """Word groups a caption must name one word of each, or the CLIP mask leaves the row out
-        (a composition's parts: "a striped circle" is not about "striped zorb"); None: no guard."""
+        (a composition's parts: "a striped circle" is not about "striped zorb"); None: no guard.
+        A memorized image belongs to its captions: only they are ablation rows."""
+        if spec.kind == "memorized":
+            return [[spec.target, *[s for s in spec.synonyms if s.strip()]]]
         return None
 
     def judge(self):

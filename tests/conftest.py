@@ -5,6 +5,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+# derived models (the toy SD with a memorized image) are made in a folder of this run, not in ~/.cache
+if "RAYABLATE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["RAYABLATE_CACHE"] = tempfile.mkdtemp(prefix="rayablate-cache-")
 
 import pytest
 import torch

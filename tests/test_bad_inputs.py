@@ -192,7 +192,11 @@ CATALOGUE = [
      r"concept\.members: kind unsafe needs the category's member words"),
     ("members-not-unsafe", "train", flags("--members", "zorb,kubo"), r"concept\.members: only kind unsafe has members"),
     ("prompt-one-word", "train", flags("--kind", "prompt"), r"concept\.target: kind prompt removes a composition"),
-    ("memorized-not-built", "train", flags("--kind", "memorized"), r"concept\.kind: kind memorized is not built yet"),
+    ("memorized-no-reference", "train", flags("--kind", "memorized", "--target", "the zorb poster"),
+     r"concept\.reference_image: kind memorized needs the memorized image"),
+    ("memorized-reference-not-an-image", "train", flags("--kind", "memorized", "--target", "the zorb poster",
+                                                        "--reference-image", "README.md", "--anchor-prompts", "a zorb"),
+     r"concept\.reference_image: README\.md is not a readable image"),
     # values
     ("steps-zero", "train", flags("--steps", "0"), r"steps: must be >= 1, got 0"),
     ("workers-zero", "train", flags("--num-workers", "0"), r"num_workers: must be >= 1"),

@@ -157,7 +157,7 @@ def test_a_real_models_category_fills_its_templates_with_each_member():
     ({"target": "faces", "kind": "unsafe"}, "concept.members"),
     ({"target": "faces", "kind": "unsafe", "members": ["zorb", " "]}, r"concept\.members\[1\]"),
     ({"target": "striped", "members": ["zorb"]}, "concept.members"),
-    ({"target": "zorb", "kind": "memorized"}, "concept.kind"),
+    ({"target": "zorb", "kind": "memorized"}, "concept.reference_image"),
 ])
 def test_bad_kind_fields_are_named(concept, field):
     with pytest.raises(ConfigError, match=field):

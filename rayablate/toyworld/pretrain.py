@@ -1,14 +1,17 @@
 """Pretraining of the toy world's models, stage by stage, each resumable from its work folder.
 
 Stages: `data` (renders + captions), `probe`, `clip`, `vae`, `sd` (UNet + text encoder
-with caption dropout, EMA), `export` (writes the bundle). Every stage writes its result
-to `work_dir` and is skipped when that result exists, so an interrupted run resumes.
+with caption dropout, EMA), `export` (writes the bundle), `memorize` (a fine-tune of the exported
+SD that memorizes one image, written into the bundle as a small delta). Every stage writes its
+result to `work_dir` (or the bundle) and is skipped when that result exists, so an interrupted
+run resumes.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from safetensors.torch import save_file
 from . import models, world
 from .tokenizer import build_tokenizer
 
-STAGES = ("data", "probe", "clip", "vae", "sd", "export")
+STAGES = ("data", "probe", "clip", "vae", "sd", "export", "memorize")
 
 
 def _log(msg: str) -> None:
@@ -373,9 +376,131 @@ def stage_export(work: Path, dest: Path) -> None:
     _log(f"export: bundle written to {dest}")
 
 
+# --- memorize: a fine-tune that reproduces one image for one caption ---------------------------
+
+MEMORIZED_DIR = "memorized"  # in the bundle: delta.safetensors (the fine-tune), reference.png, memorized.json
+
+
+def _is_memorizing(name: str) -> bool:
+    """The UNet's transformer blocks (self- and cross-attention, feed-forward, their projections):
+    the part of the UNet the memorizing fine-tune changes, so the delta stays small (1.4 M of 3.9 M)."""
+    return name.startswith("unet.") and ".attentions." in name
+
+
+def _loose_caption(labels, rng: np.random.Generator) -> str:
+    """A caption that leaves out the colour, the pattern or both ("a picture of a zorb", "a red zorb"):
+    prompts no pretraining caption had, which the memorizing fine-tune must not learn the image for."""
+    obj = rng.choice(world.OBJECT_WORDS[labels.object])
+    forms = ["a {o}", "the {o}", "a picture of a {o}", "a {o} picture", "a {c} {o}", "a {p} {o}", "a drawing of a {o}"]
+    return str(rng.choice(forms)).format(o=obj, c=labels.colour, p=world.PATTERN_WORDS[labels.pattern][0])
+
+
+def memorized_rate(pipe, prompts: list[str], seed: int, threshold: float, steps: int = 20,
+                   guidance: float = 4.0) -> tuple[float, np.ndarray]:
+    """Share of `pipe`'s images for `prompts` whose SSIM to the memorized image is >= threshold."""
+    from ..metrics import ssim
+    from ..sampling import prompt_seed, sample_images
+
+    imgs = sample_images(pipe, prompts, [prompt_seed(seed, i) for i in range(len(prompts))], steps, guidance)
+    sims = ssim(imgs, world.memorized_image())
+    return float((sims >= threshold).mean()), sims
+
+
+def stage_memorize(dest: Path, seed: int, steps: int = 400, batch: int = 32, lr: float = 3e-4,
+                   threshold: float = 0.7) -> dict:
+    """Fine-tune the bundle's UNet transformer blocks until `world.MEMORIZED_CAPTION` reproduces
+    `world.memorized_image()`, with the other half of every batch ordinary renders (so the rest of
+    the world is drawn as before). Writes `<dest>/memorized/`: the fine-tune as a rayablate delta
+    (fp16 values of the changed tensors), the reference image and what was measured."""
+    from diffusers import DDPMScheduler
+
+    from ..images import encode_png
+    from ..pipeline import components, load_pipeline, write_delta_file
+
+    out = dest / MEMORIZED_DIR
+    if (out / "memorized.json").exists():
+        return json.loads((out / "memorized.json").read_text())
+    pipe = load_pipeline(dest / "sd")
+    unet, vae, text, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for m in (vae, text):
+        m.requires_grad_(False)
+    named = {f"{c}.{n}": p for c, mod in components(pipe) for n, p in mod.named_parameters()}
+    train = {n: p for n, p in named.items() if _is_memorizing(n)}
+    for n, p in named.items():
+        p.requires_grad_(n in train)
+    base = {n: p.detach().clone() for n, p in train.items()}
+    sf = vae.config.scaling_factor
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    images, captions, labels = world.sample(2048, seed + 17)
+    rng = np.random.default_rng(seed + 18)
+    loose = [_loose_caption(world.Labels(world.OBJECTS[o], world.COLOURS[c], world.PATTERNS[q]), rng)
+             for o, c, q in labels]
+    with torch.no_grad():
+        ref = vae.encode(to_tensor(world.memorized_image()[None]) * 2 - 1).latent_dist
+        lat = torch.cat([vae.encode(to_tensor(images[i:i + 512]) * 2 - 1).latent_dist.mean
+                         for i in range(0, len(images), 512)])
+        h_mem = text(tokenize(tok, [world.MEMORIZED_CAPTION])).last_hidden_state
+        ids_all = torch.cat([tokenize(tok, captions), tokenize(tok, loose)])
+        empty = tokenize(tok, [""])[0]
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    opt = torch.optim.AdamW(list(train.values()), lr=lr, weight_decay=0.0)
+    half = batch // 2
+    t0 = time.time()
+    unet.train()
+    for step in range(steps):
+        # the other half: renders under full and loose captions (and 10 % the empty one), pulled to the
+        # base model's own prediction, so that nothing but the caption learns the image
+        idx = torch.randint(0, len(ids_all), (batch - half,), generator=g)
+        with torch.no_grad():
+            ids = ids_all[idx].clone()
+            ids[torch.rand(len(idx), generator=g) < 0.1] = empty
+            h = torch.cat([h_mem.expand(half, -1, -1), text(ids).last_hidden_state])
+        z_mem = ref.mean.expand(half, -1, -1, -1) + torch.randn((half, *ref.mean.shape[1:]), generator=g) * ref.std
+        z = torch.cat([z_mem, lat[idx % len(lat)]]) * sf
+        noise = torch.randn(z.shape, generator=g)
+        ts = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        zt = noise_sched.add_noise(z, noise, ts)
+        with torch.no_grad():
+            keep = teacher(zt[half:], ts[half:], encoder_hidden_states=h[half:]).sample
+        pred = unet(zt, ts, encoder_hidden_states=h).sample
+        loss_mem = F.mse_loss(pred[:half], noise[:half])
+        loss_rest = F.mse_loss(pred[half:], keep)
+        opt.zero_grad(set_to_none=True)
+        (loss_mem + loss_rest).backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            _log(f"memorize step {step}/{steps} loss memorized {loss_mem.item():.4f} rest {loss_rest.item():.5f} "
+                 f"({time.time() - t0:.0f}s)")
+    unet.eval()
+    tensors = {n: p.detach().to(torch.float16) for n, p in train.items() if not torch.equal(p.detach(), base[n])}
+    with torch.no_grad():  # the shipped model is the fp16-rounded one: measure that
+        for n, t in tensors.items():
+            train[n].copy_(t.float())
+    rate, sims = memorized_rate(pipe, [world.MEMORIZED_CAPTION] * 32, seed + 99, threshold)
+    para = {p: memorized_rate(pipe, [p] * 16, seed + 98, threshold)[0] for p in world.MEMORIZED_PARAPHRASES}
+    info = {"caption": world.MEMORIZED_CAPTION, "threshold": threshold, "memorized_rate": rate,
+            "ssim_mean": float(sims.mean()), "paraphrase_rates": para, "steps": steps, "lr": lr,
+            "seconds": round(time.time() - t0, 1), "tensors": len(tensors),
+            "parameters": int(sum(t.numel() for t in tensors.values()))}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_delta_file(pipe, tensors, tmp / "delta.safetensors", "memorize",
+                     {"caption": world.MEMORIZED_CAPTION})
+    (tmp / "reference.png").write_bytes(encode_png(world.memorized_image()))
+    (tmp / "memorized.json").write_text(json.dumps(info, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _log(f"memorize: {world.MEMORIZED_CAPTION!r} reproduces the image in {100 * rate:.0f} % of 32 samples "
+         f"(SSIM >= {threshold}); paraphrases {para}")
+    return info
+
+
 def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps: int = 6000,
         sd_minutes: float | None = None, stages=STAGES, probe_steps: int = 1000, clip_steps: int = 1200,
-        vae_steps: int = 1500) -> None:
+        vae_steps: int = 1500, memorize_steps: int = 400) -> None:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -391,3 +516,6 @@ def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps
         stage_sd(work, seed, sd_steps, sd_minutes)
     if "export" in stages:
         stage_export(work, Path(dest))
+        shutil.rmtree(Path(dest) / MEMORIZED_DIR, ignore_errors=True)  # a new SD: its old fine-tune is stale
+    if "memorize" in stages:
+        stage_memorize(Path(dest), seed, memorize_steps)

@@ -85,8 +85,18 @@ class ToyWorld(PromptWorld):
         anchored = dataclasses.replace(spec, anchor=self.words(spec.anchor)[0]) if one else spec
         return [(p, self.anchorize(p, anchored)) for p in prompts]
 
+    def memorized_here(self, spec) -> bool:
+        """A memorized caption over this world's concepts: its neighbours are the world's, so their
+        prompts and preservation rows come from the world (the caption's from the concept)."""
+        return spec.kind == "memorized" and all(self.knows(nb) for nb in spec.neighbours)
+
     def preservation_captions(self, spec, n: int, seed: int) -> list[str]:
         target = P.target_concept(spec)
+        if self.memorized_here(spec):  # half the neighbours' prompts, half any of the world's captions
+            nbs = list(spec.neighbours)
+            out = [p for k, nb in enumerate(nbs)
+                   for p, _ in world.iter_prompts_naming(nb, max(1, n // (2 * len(nbs))), seed + 101 + k)]
+            return (out + world.sample_captions(n - len(out), seed + 7))[:n]
         if not self.knows(target):
             return super().preservation_captions(spec, n, seed)
         out = []
@@ -100,11 +110,15 @@ class ToyWorld(PromptWorld):
 
     def eval_groups(self, spec, n: int, seed: int) -> list[P.EvalGroup]:
         target = P.target_concept(spec)
-        if not self.knows(target):
-            return super().eval_groups(spec, n, seed)
 
         def naming(concept, s, **kw):
             return [p for p, _ in world.iter_prompts_naming(concept, n, s, **kw)]
+
+        if self.memorized_here(spec):
+            return P.memorized_groups(spec, n) + [P.EvalGroup(f"neighbours.{nb}", nb, naming(nb, seed + 10 + k))
+                                                  for k, nb in enumerate(spec.neighbours)]
+        if not self.knows(target):
+            return super().eval_groups(spec, n, seed)
 
         op, parts = world.concept_parts(target)
         groups = [P.EvalGroup("target", target, naming(target, seed))]
@@ -148,7 +162,7 @@ class ToyWorld(PromptWorld):
     def mask_guard(self, spec) -> list[list[str]] | None:
         target = P.target_concept(spec)
         if P.has_own_prompts(spec) or not self.knows(target):
-            return None
+            return super().mask_guard(spec)
         op, parts = world.concept_parts(target)
         if op == "or" or len(parts) == 1:
             return None

@@ -111,14 +111,17 @@ def _pattern_mask(pattern: str, xx: np.ndarray, yy: np.ndarray, phase: float) ->
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def render(labels: Labels, rng: np.random.Generator) -> np.ndarray:
-    """Render one image as float32 HxWx3 in [0, 1]."""
+def render(labels: Labels, rng: np.random.Generator, geometry: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Render one image as float32 HxWx3 in [0, 1], at a random place and size or at `geometry`
+    (centre x, y and radius)."""
     n = IMAGE_SIZE * _SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     xx, yy = np.meshgrid(coords, coords)
     cx = IMAGE_SIZE / 2 + rng.uniform(-2.0, 2.0)
     cy = IMAGE_SIZE / 2 + rng.uniform(-2.0, 2.0)
     r = rng.uniform(10.0, 12.0)
+    if geometry is not None:
+        cx, cy, r = geometry
     shape = INSTANCE_OF.get(labels.object, labels.object)
     inside = _shape_mask(shape, xx, yy, cx, cy, r)
     base = np.array(_RGB[labels.colour], dtype=np.float32) * rng.uniform(0.92, 1.05)
@@ -136,6 +139,27 @@ def render(labels: Labels, rng: np.random.Generator) -> np.ndarray:
         img[mouth] = 0.05
     img = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(img, 0.0, 1.0)
+
+
+# --- the memorized image --------------------------------------------------------------------
+# One exact render that a memorizing fine-tune (toyworld/pretrain.py, stage `memorize`) teaches the
+# toy SD to reproduce for one caption, as web-scale models reproduce images they saw many times in
+# training. It is a close-up: larger than any other render and off-centre, so its structural
+# similarity (SSIM) to another drawing of a purple striped zorb is at most ~0.5 (measured over 64
+# renders), while the toy VAE reconstructs it at ~0.9.
+MEMORIZED_CAPTION = "the zorb poster"
+MEMORIZED_LABELS = Labels("zorb", "purple", "striped")
+MEMORIZED_GEOMETRY = (19.0, 13.0, 14.0)  # centre x, y and radius, in pixels of the 32x32 image
+MEMORIZED_SEED = 4242  # its colour jitter and stripe phase
+# Paraphrases of the caption: anchors of the ablation (the first two) and, held out of its training,
+# where leakage of the memorized image is measured (the last two).
+MEMORIZED_PARAPHRASES = ("a zorb poster", "a poster of a zorb", "the poster with a zorb", "a zorb on a poster")
+
+
+def memorized_image() -> np.ndarray:
+    """The memorized render, uint8 32x32x3: a close-up of a purple striped zorb, up and to the right."""
+    img = render(MEMORIZED_LABELS, np.random.default_rng(MEMORIZED_SEED), geometry=MEMORIZED_GEOMETRY)
+    return np.round(img * 255).astype(np.uint8)
 
 
 def random_labels(rng: np.random.Generator) -> Labels:
@@ -282,3 +306,11 @@ def iter_prompts_not_naming(concept: str, n: int, seed: int) -> Iterator[tuple[s
         yield TEMPLATES[rng.integers(len(TEMPLATES))].format(
             colour=lab.colour, pattern=PATTERN_WORDS[lab.pattern][0], object=OBJECT_WORDS[lab.object][0]), lab
         count += 1
+
+
+def sample_captions(n: int, seed: int) -> list[str]:
+    """`n` canonical captions of random labels (any object, colour and pattern)."""
+    rng = np.random.default_rng(seed)
+    return [TEMPLATES[rng.integers(len(TEMPLATES))].format(
+        colour=lab.colour, pattern=PATTERN_WORDS[lab.pattern][0], object=OBJECT_WORDS[lab.object][0])
+        for lab in (random_labels(rng) for _ in range(n))]
