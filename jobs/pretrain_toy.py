@@ -2,7 +2,7 @@
 
     python jobs/pretrain_toy.py                       # everything, into rayablate/toyworld/weights
     python jobs/pretrain_toy.py --stages data probe   # selected stages; finished stages are skipped
-    python jobs/pretrain_toy.py --memorize            # only the memorized image (about 2 min on 2 cores)
+    python jobs/pretrain_toy.py --memorize            # only the memorized image (2-4 min on 2 cores)
 
 The memorize stage fine-tunes the bundled SD's transformer blocks so that "the zorb poster"
 reproduces one render (a close-up of a purple striped zorb, toyworld/world.py: memorized_image), with

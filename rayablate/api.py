@@ -122,7 +122,8 @@ def _progress(total: int, desc: str, show: bool):
 def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = True) -> dict[str, np.ndarray]:
     """The job's training rows, made in this process: anchor images from `pipe` (the same prompts,
     seeds and batches of 16 as the Ray Data sampler), CLIP masks at the config's threshold."""
-    from .data import ClipMasker, prompt_rows, replica_filter
+    from .data import ClipMasker, prompt_rows
+    from .memorized import replica_filter
     from .method import columns_of
     from .sampling import Sampler
 

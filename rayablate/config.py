@@ -42,8 +42,11 @@ class ConfigError(ValueError):
     """A bad configuration value. `field` is the dotted path of the offending field."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):  # raised in a Ray worker, it must unpickle in the driver with both arguments
+        return type(self), (self.field, self.message)
 
 
 @dataclasses.dataclass
@@ -329,8 +332,6 @@ def _validate_memorized(c: ConceptSpec) -> None:
         raise ConfigError("concept.reference_image", "kind memorized needs the memorized image (a PNG or JPEG file): "
                                                      "generations are measured against it, and anchor images "
                                                      "that replicate it are dropped")
-    if not Path(c.reference_image).expanduser().is_file():
-        raise ConfigError("concept.reference_image", f"no such file: {c.reference_image}")
     if c.anchor_kind != "text":
         raise ConfigError("concept.anchor_kind", f"kind memorized draws paraphrases of the caption instead "
                                                  f"(concept.anchor_prompts); got anchor_kind {c.anchor_kind}")

@@ -29,12 +29,12 @@ class ClipMasker:
     `concept_texts` is one list of texts (their mean embedding is the concept) or several lists (a
     category: a row scores its similarity to the closest one). `guard`: word groups a caption must
     name one word of each (`PromptWorld.mask_guard`); other rows score -1, so no threshold masks them in.
-    `replicas`: (reference image path, SSIM threshold) of a memorized image (kind memorized): rows
-    whose image replicates it are dropped (`memorized.drop_replicas`).
+    `replicas`: (reference image, uint8 HxWx3; SSIM threshold) of a memorized image (kind memorized,
+    `memorized.replica_filter`): rows whose image replicates it are dropped (`memorized.drop_replicas`).
     """
 
     def __init__(self, clip_name: str, concept_texts: list, threshold: float, image_weight: float = 0.0,
-                 guard: list[list[str]] | None = None, replicas: tuple[str, float] | None = None):
+                 guard: list[list[str]] | None = None, replicas: tuple[np.ndarray, float] | None = None):
         import torch
 
         from .clip import ClipScorer
@@ -44,11 +44,7 @@ class ClipMasker:
         groups = concept_texts if concept_texts and not isinstance(concept_texts[0], str) else [concept_texts]
         self.groups, self.threshold, self.image_weight = [list(g) for g in groups if g], threshold, image_weight
         self.guard = [[w.lower() for w in g] for g in guard or []]
-        self.replicas = None
-        if replicas:
-            from .memorized import load_reference
-
-            self.replicas = (load_reference(replicas[0]), float(replicas[1]))
+        self.replicas = replicas
 
     def _names_all(self, caption: str) -> bool:
         from .prompts import names_word
@@ -182,11 +178,6 @@ def _user_row(r: dict, spec, world, resolution: int, i: int) -> dict:
             "anchor_if_ablated": world.anchorize(cap, spec), "seed": 10_000_000 + i, "source": "user"}
 
 
-def replica_filter(spec) -> tuple[str, float] | None:
-    """What `ClipMasker(replicas=)` drops for this concept: images replicating a memorized image."""
-    return (spec.reference_image, spec.replica_threshold) if spec.kind == "memorized" else None
-
-
 def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, world,
                         user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
                         image_weight: float = 0.0) -> Path:
@@ -197,6 +188,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     """
     import ray
 
+    from .memorized import replica_filter
     from .sampling import sample_dataset
 
     out_dir = Path(out_dir)

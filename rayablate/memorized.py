@@ -34,6 +34,8 @@ def load_reference(path: str | Path, resolution: int | None = None) -> np.ndarra
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError("concept.reference_image", f"no such file: {p}")
     try:
         with Image.open(p) as im:
             img = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -78,12 +80,14 @@ class ReplicaJudge:
 
 class MemorizedWorld:
     """A prompt world (the toy world, or a real model's) whose judge also measures memorization of
-    `spec`'s reference image. Everything else is the wrapped world's. Small and picklable: it holds
-    the reference's path, not its pixels."""
+    `spec`'s reference image. Everything else is the wrapped world's. Picklable, and it carries the
+    reference itself (PNG bytes), so a Ray task on another node needs no copy of the file."""
 
     def __init__(self, inner, spec: ConceptSpec):
+        from .images import encode_png
+
         self.inner = inner
-        self.reference_path = str(Path(spec.reference_image).expanduser().resolve())
+        self.reference_png = encode_png(load_reference(spec.reference_image))
         self.threshold, self.caption = float(spec.replica_threshold), spec.target
 
     def __getattr__(self, name):
@@ -98,13 +102,21 @@ class MemorizedWorld:
         return note + (f"; other groups: {self.inner.judge_note}" if self.inner.judge_note else "")
 
     def judge(self) -> ReplicaJudge:
-        return ReplicaJudge(load_reference(self.reference_path), self.threshold, self.caption, self.inner.judge())
+        from .images import decode_png
+
+        return ReplicaJudge(decode_png(self.reference_png), self.threshold, self.caption, self.inner.judge())
 
     def judge_sha256(self) -> str | None:
-        h = hashlib.sha256(Path(self.reference_path).read_bytes())
+        h = hashlib.sha256(self.reference_png)
         h.update(str(self.threshold).encode())
         h.update((self.inner.judge_sha256() or "").encode())
         return h.hexdigest()
+
+
+def replica_filter(spec: ConceptSpec) -> tuple[np.ndarray, float] | None:
+    """What `data.ClipMasker(replicas=)` drops for this concept: images replicating a memorized
+    image (the reference's pixels travel with the masker, not its path)."""
+    return (load_reference(spec.reference_image), float(spec.replica_threshold)) if is_memorized(spec) else None
 
 
 def world_for_spec(world, spec: ConceptSpec):

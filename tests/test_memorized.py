@@ -77,6 +77,7 @@ def test_a_memorized_concepts_rows_groups_and_mask():
 def test_anchor_images_that_replicate_the_image_are_dropped():
     from rayablate.data import ClipMasker
     from rayablate.images import encode_png
+    from rayablate.memorized import replica_filter
 
     cfg = load_config(CONFIG)
     w = ToyWorld()
@@ -87,7 +88,7 @@ def test_anchor_images_that_replicate_the_image_are_dropped():
              "target_caption": np.array(caps, dtype=object), "anchor_if_ablated": np.array(caps, dtype=object),
              "seed": np.arange(len(images))}
     m = ClipMasker(str(bundle_paths()["clip"]), w.mask_texts(cfg.concept), cfg.clip_threshold,
-                   guard=w.mask_guard(cfg.concept), replicas=(cfg.concept.reference_image, 0.7))
+                   guard=w.mask_guard(cfg.concept), replicas=replica_filter(cfg.concept))
     out = m(batch)
     assert out["seed"].tolist() == [1, 2, 3]  # the image and its tinted copy go, other zorbs stay
     assert len(out["mask"]) == 3
@@ -109,8 +110,6 @@ def test_the_memorized_world_judges_replicas_and_leaves_the_rest_to_the_probe():
 
 @pytest.mark.parametrize("concept,field", [
     ({"target": "the zorb poster", "kind": "memorized", "anchor_prompts": ["a zorb"]}, "concept.reference_image"),
-    ({"target": "the zorb poster", "kind": "memorized", "reference_image": "no/such.png",
-      "anchor_prompts": ["a zorb"]}, "concept.reference_image: no such file"),
     ({"target": "the zorb poster", "kind": "memorized", "reference_image": CONFIG}, "concept.anchor_prompts"),
     ({"target": "the zorb poster", "kind": "memorized", "reference_image": CONFIG,
       "anchor_prompts": ["the zorb poster"]}, r"concept\.anchor_prompts\[0\]: is the memorized caption"),
@@ -122,11 +121,20 @@ def test_bad_memorized_fields_are_named(concept, field):
         config_from_dict({"concept": concept})
 
 
+def test_a_config_error_raised_in_a_ray_worker_unpickles_with_its_field():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ConfigError("concept.reference_image", "no such file: x.png")))
+    assert (e.field, str(e)) == ("concept.reference_image", "concept.reference_image: no such file: x.png")
+
+
 def test_a_reference_that_is_not_an_image_of_the_models_size_is_refused(tmp_path):
     from rayablate.memorized import load_reference
 
     with pytest.raises(ConfigError, match="concept.reference_image: .* is not a readable image"):
         load_reference(CONFIG)
+    with pytest.raises(ConfigError, match="concept.reference_image: no such file"):
+        load_reference(tmp_path / "nothing.png")
     from PIL import Image
 
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")

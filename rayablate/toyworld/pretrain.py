@@ -409,9 +409,10 @@ def memorized_rate(pipe, prompts: list[str], seed: int, threshold: float, steps:
 def stage_memorize(dest: Path, seed: int, steps: int = 400, batch: int = 32, lr: float = 3e-4,
                    threshold: float = 0.7) -> dict:
     """Fine-tune the bundle's UNet transformer blocks until `world.MEMORIZED_CAPTION` reproduces
-    `world.memorized_image()`, with the other half of every batch ordinary renders (so the rest of
-    the world is drawn as before). Writes `<dest>/memorized/`: the fine-tune as a rayablate delta
-    (fp16 values of the changed tensors), the reference image and what was measured."""
+    `world.memorized_image()`. The other half of every batch is ordinary renders under their full
+    or loose captions, held to the base model's own prediction, so that the rest of the world is
+    drawn as before. Writes `<dest>/memorized/`: the fine-tune as a rayablate delta (fp16 values of
+    the changed tensors), the reference image and what was measured (memorized.json)."""
     from diffusers import DDPMScheduler
 
     from ..images import encode_png
