@@ -57,8 +57,9 @@ def group_metrics(group, imgs: dict[str, np.ndarray], spec, scorer, judge, world
         if when not in imgs:
             continue
         x = imgs[when]
-        if judge is not None:
-            m[f"concept_rate_{when}"] = judge.concept_rate(x, group.concept)
+        rate = judge.concept_rate(x, group.concept) if judge is not None else None
+        if rate is not None:  # None: the judge has no rate for this concept (a real model's neighbours)
+            m[f"concept_rate_{when}"] = rate
             if group.name == "target" and hasattr(judge, "draws"):  # what the target's prompts now draw
                 m[f"draws_{when}"] = judge.draws(x, group.concept)
         m[f"clip_accuracy_{when}"] = scorer.clip_accuracy(x, t_texts, a_texts)
