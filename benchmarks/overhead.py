@@ -11,7 +11,8 @@ The same ablation is run twice, each in a fresh process, one after the other:
   writes to metrics.json (`stage_seconds`: setup = Ray start-up and input checks, data, training,
   evaluation);
 - **in-process**: the core API of `rayablate.api` in one process with every core (the same rows:
-  prompts, seeds, anchor images and CLIP masks; the same steps; the same evaluation prompts, seeds
+  prompts, seeds, anchor images and CLIP masks; the same steps of the same size: batch_size x
+  num_workers rows a step, as the job's workers together train; the same evaluation prompts, seeds
   and images per group), timed per stage the same way (setup = imports and loading the pipeline).
 
 It prints each stage's seconds and the ratio ray / in-process, end to end (the wall time of the
@@ -22,6 +23,7 @@ lowest kept rate of the anchor and neighbours), then writes overhead.json and ov
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -69,7 +71,9 @@ def in_process(args) -> int:
         rows = training_rows(pipe, cfg, world, clip, progress=False)
         stages["data"] = time.time() - t
         t = time.time()
-        delta = ablate_rows(pipe, cfg, rows, world, progress=False)
+        # the job's rows per step: each of its num_workers workers trains batch_size rows a step
+        delta = ablate_rows(pipe, dataclasses.replace(cfg, batch_size=cfg.batch_size * cfg.num_workers), rows, world,
+                            progress=False)
         stages["training"] = time.time() - t
     t = time.time()
     after = load_pipeline(model)
