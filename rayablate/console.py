@@ -162,11 +162,21 @@ def board_cls():
 
     @ray.remote(num_cpus=0)
     class Board:
-        """Lines and step counts rank 0 posts; the driver takes what is new."""
+        """Lines and step counts rank 0 posts; the driver takes what is new. It also counts how
+        often the training function started on rank 0 (1 + worker-group restarts): one actor for
+        both, since every actor is a process start on the training's critical path."""
 
         def __init__(self):
             self.lines: list[str] = []
             self.step = 0
+            self.n = 0
+
+        def increment(self) -> int:
+            self.n += 1
+            return self.n
+
+        def count(self) -> int:
+            return self.n
 
         def post(self, line: str | None, step: int | None = None) -> None:
             if line is not None:

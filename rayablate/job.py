@@ -214,6 +214,9 @@ def remove_partial_outputs(out: Path, run_dir: Path | None = None) -> list[Path]
     return gone
 
 
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_ray(num_cpus: int | None = None):
     """Join the cluster at RAY_ADDRESS, or start a local Ray."""
     import ray
@@ -234,6 +237,12 @@ def init_ray(num_cpus: int | None = None):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=forward,
                  **({} if forward else {"logging_level": "ERROR"}))
     else:
+        # A Ray this process owns has one node and dies with it. Ray Train's controller polls its
+        # workers every 2 s by default, so a finished fit waited up to 2 s to be noticed; its
+        # preemption watcher (an actor, one more process start before the workers) guards cloud
+        # spot nodes a local Ray does not have. Set only where the user has not.
+        for key, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)
         for attempt in (1, 2):
             try:
                 # The dashboard (on 127.0.0.1) serves the state API: Ray Train V2's placement-group
@@ -263,7 +272,8 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
                 data_dir: str | Path | None = None, clip_threshold: float | None = None, num_actors: int = 1,
                 resume: bool = True, run_name: str | None = None, cpus_per_worker: float | None = None,
                 max_failures: int = 0, worker_resources: dict | None = None, evaluation: str | None = "full",
-                eval_context: dict | None = None, log=_say, started: float | None = None) -> dict:
+                eval_context: dict | None = None, log=_say, started: float | None = None,
+                eval_actors: int | None = None, sampler_threads: int = 1) -> dict:
     """One concept into `out`: data -> Ray Train -> evaluation; the one pipeline of train, batch and tune.
 
     Inputs are checked and Ray is started by the caller (see `ablate`). The data is built into
@@ -271,10 +281,12 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
     `evaluate.evaluate` (metrics.json, report.md, grid.png, loss_curve.png); "quick": in-process
     after-images against eval_context={"groups", "before", "seed"} (a Tune trial); None: none.
     `log` gets each progress line; metrics' wall_seconds count from `started` (default: now).
+    `eval_actors`: the evaluation's sampler actors (default `num_actors`); `sampler_threads`: the
+    torch threads of each data-stage sampler actor (1 where other work shares the cores).
     Returns {"metrics": dict | None, "train": run_training's dict, "data_dir": Path, "data": data_summary}.
     """
     from .config import concept_name
-    from .data import read_training_data
+    from .data import training_source
     from .train import run_training
 
     t0 = time.time() if started is None else started
@@ -287,12 +299,13 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
         stages["edit"] = time.time() - t
     else:
         t = time.time()
-        data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
+        data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log,
+                                          sampler_threads)
         stages["data"] = time.time() - t
         log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
             f"{cfg.precision}, group {cfg.param_group}")
         t = time.time()
-        train = run_training(cfg, read_training_data(data_dir, clip_threshold), models.model_path, str(out),
+        train = run_training(cfg, training_source(data_dir, clip_threshold), models.model_path, str(out),
                              run_name=run_name or concept_name(cfg.concept), resume=resume,
                              max_failures=max_failures, cpus_per_worker=cpus_per_worker,
                              worker_resources=worker_resources)
@@ -304,7 +317,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
     train["stage_seconds"] = stages
     metrics = None
     if evaluation == "full":
-        metrics = _full_evaluation(cfg, out, models, train, summary, num_actors, log, t0)
+        metrics = _full_evaluation(cfg, out, models, train, summary, eval_actors or num_actors, log, t0)
     elif evaluation == "quick":
         from .evaluation import quick_evaluate
 
@@ -334,7 +347,7 @@ def _closed_form(cfg, out: Path, models: Models, log) -> dict:
 
 
 def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_threshold, num_actors: int,
-                  log) -> tuple[Path, dict]:
+                  log, threads: int = 1) -> tuple[Path, dict]:
     """(shard folder, data_summary): built into out/"data" unless `data_dir` is given."""
     from .data import build_training_data, data_summary
 
@@ -343,7 +356,8 @@ def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_thre
     log(f"1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks")
     t = time.time()
     data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
-                                   num_actors=num_actors, resolution=_model_resolution(models.model_path))
+                                   num_actors=num_actors, resolution=_model_resolution(models.model_path),
+                                   threads=threads)
     summary = data_summary(data_dir)
     log(f"    {summary} in {time.time() - t:.0f}s")
     return data_dir, summary
@@ -378,6 +392,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     at `export_rank` (default: the lora group's `lora_rank`, else export.DEFAULT_RANK).
     """
     from .config import concept_name
+    from .resources import local_sampler_threads
     from .storage import is_remote
 
     if is_remote(output_dir):
@@ -399,7 +414,9 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     _say(f"ablating {cfg.concept.target!r} -> {anchor_label(cfg.concept.anchor, cfg.concept.anchor_kind)} "
          f"in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
-                         run_name=run_name, worker_resources=worker_resources, started=t0)
+                         run_name=run_name, worker_resources=worker_resources, started=t0,
+                         eval_actors=evaluation_actors(cfg, num_actors),
+                         sampler_threads=local_sampler_threads(num_actors, cfg.use_gpu))
     metrics = result["metrics"]
     if exports:
         rank = export_rank or (cfg.lora_rank if cfg.param_group == "lora" else None)
@@ -408,6 +425,19 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
 
     say(console_summary(metrics))
     return metrics
+
+
+# Sampler actors of a job's evaluation on CPUs. Each runs one thread on half a CPU, so one actor left
+# a 2-core machine's second core idle while 320 images were drawn: two took the default job's
+# evaluation from 39 s to 27 s. (The data stage keeps `num_actors`: there two samplers and the CLIP
+# actor would hold 1.5 of 2 CPUs, and its 96 rows did not come faster.)
+EVAL_CPU_ACTORS = 2
+
+
+def evaluation_actors(cfg: AblationConfig, num_actors: int) -> int:
+    """The evaluation's actor pool size: at least EVAL_CPU_ACTORS on CPUs; `num_actors` on GPUs
+    (each sampler takes a whole GPU)."""
+    return num_actors if cfg.use_gpu else max(num_actors, EVAL_CPU_ACTORS)
 
 
 def add_exports(metrics: dict, out: Path, kinds: list[str], delta_path: str, model_path: str,

@@ -275,10 +275,19 @@ class _Worker:
         pipeline first), or streamed with a seeded local shuffle when the shard is over the limit."""
         import ray.train
 
-        cfg, shard = self.cfg, ray.train.get_dataset_shard("train")
+        cfg = self.cfg
         shuffle = int(self.config.get("shuffle_buffer", 4 * cfg.batch_size))
-        cache = ShardCache(float(self.config.get("shard_cache_mb", SHARD_CACHE_MB)) * 2**20)
-        if cache.ok:
+        local = self.config.get("local_shards")
+        if local is not None:  # data.LocalShards: this rank's rows, read from the folder itself
+            cache, shard = ShardCache(float("inf")), None
+            cache.add(local.rank_rows(self.rank, self.world))
+            cache.finish()
+            if cache.columns is None:
+                return lambda epoch: iter(())  # no row for this rank: step_batches says so
+        else:
+            shard = ray.train.get_dataset_shard("train")
+            cache = ShardCache(float(self.config.get("shard_cache_mb", SHARD_CACHE_MB)) * 2**20)
+        if cache.ok and local is None:
             for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
                 cache.add(raw)
             cache.finish()
@@ -377,7 +386,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     optional "torch_threads" (1), "disc_width" (64), "shuffle_buffer" (rows; 4 x batch_size, 0 =
     canonical order; also the local shuffle of a streamed shard), "shard_cache_mb" (SHARD_CACHE_MB:
     keep a shard up to this size in memory, 0 = stream every epoch), "attempt_counter" (an actor
-    counting starts, set by `run_training`), "faults" (a `faults.Faults`: fault injection, tests only).
+    counting starts, set by `run_training`: the console's board), "faults" (a `faults.Faults`: fault injection, tests only).
 
     Reported metrics (rank 0's, averaged since the last report): step, epoch, loss (the matcher's
     weighted total), match, reg, pres, con, adv (0 when the term's weight is 0), disc,
@@ -393,26 +402,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 
 # --- driver side --------------------------------------------------------------------------------
-
-def _attempt_counter_cls():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class AttemptCounter:
-        """Counts how often the training function starts on rank 0 (1 + worker-group restarts)."""
-
-        def __init__(self):
-            self.n = 0
-
-        def increment(self) -> int:
-            self.n += 1
-            return self.n
-
-        def count(self) -> int:
-            return self.n
-
-    return AttemptCounter
-
 
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
@@ -444,6 +433,11 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
     resources.update(worker_resources or {})
     loop_config = {"ablation": to_dict(cfg), "model_path": str(model_path),
                    "torch_threads": max(1, int(cpus_per_worker)), "shard_cache_mb": SHARD_CACHE_MB}
+    from .data import LocalShards
+
+    datasets = {"train": train_ds}
+    if isinstance(train_ds, LocalShards):  # each worker reads its rows itself (data.training_source)
+        loop_config["local_shards"], datasets = train_ds, None
     loop_config.update(extra_loop_config or {})
     from ray.data import DataContext
 
@@ -456,7 +450,7 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        datasets={"train": train_ds},
+        datasets=datasets,
         dataset_config=DataConfig(execution_options=exec_opts),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              callbacks=callbacks,
@@ -505,8 +499,8 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
         ray.init()
     from . import console
 
-    counter = _attempt_counter_cls().remote()
     board = console.board_cls().remote()
+    counter = board  # the board also counts attempts (one actor fewer to start)
     extra = {"attempt_counter": counter, "faults": faults, "board": board, "verbose": console.is_verbose(),
              "log_dir": str(output_dir / console.LOG_DIR)}
     trainer = make_trainer(cfg, train_ds, model_path, storage, run_name, max_failures=max_failures,
@@ -526,7 +520,6 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
             _raise_worker_error(result.error)
         attempts = ray.get(counter.count.remote())
     finally:
-        ray.kill(counter)
         ray.kill(board)
     wall = time.time() - t0
     if result.checkpoint is None:

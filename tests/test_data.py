@@ -125,6 +125,61 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", ToyWorld())
     rows1 = pq.read_table(str(out1)).to_pylist()
     assert all(r["mask"] == 0 and r["anchor_caption"] == r["target_caption"] for r in rows1)
+    _local_shards_split_the_canonical_rows(out, out1)
+
+
+def _local_shards_split_the_canonical_rows(out, out1):
+    """Training reads these shards itself on a one-node local Ray (data.LocalShards): every row once,
+    ranks disjoint, each rank's rows in the order the in-memory shard cache gives, and a threshold
+    re-masks them as Ray Data's apply_threshold does. RAYABLATE_LOCAL_SHARDS=0 keeps Ray Data."""
+    import os
+
+    import ray
+
+    from rayablate.data import LocalShards, training_source
+
+    src = training_source(out)
+    assert isinstance(src, LocalShards)
+    ranks = [src.rank_rows(r, 2) for r in range(2)]
+    seeds = [list(r["seed"]) for r in ranks]
+    assert sorted(seeds[0] + seeds[1]) == sorted(pq.read_table(str(out)).column("seed").to_pylist())
+    assert not set(seeds[0]) & set(seeds[1]) and abs(len(seeds[0]) - len(seeds[1])) <= 1
+    whole = src.rank_rows(0, 1)
+    assert list(whole["seed"][0::2]) == seeds[0] and list(whole["seed"][1::2]) == seeds[1]
+    assert isinstance(whole["image"][0], bytes) and set(whole) >= {"image", "target_caption", "mask"}
+    assert int(whole["mask"].sum()) == len(whole["mask"])  # as written: threshold -1
+    remasked = LocalShards(str(out), clip_threshold=1.0).rank_rows(0, 1)
+    assert int(remasked["mask"].sum()) == 0
+    assert list(remasked["anchor_caption"]) == list(remasked["target_caption"])
+    assert len(LocalShards(str(out1)).rank_rows(99, 100)["seed"]) == 0  # more ranks than rows: an empty rank
+    os.environ["RAYABLATE_LOCAL_SHARDS"] = "0"
+    try:
+        assert isinstance(training_source(out), ray.data.Dataset)
+    finally:
+        del os.environ["RAYABLATE_LOCAL_SHARDS"]
+    assert isinstance(training_source(out, limit_mb=0), ray.data.Dataset)  # over the shard cache: Ray Data
+
+
+def test_sampler_batches_are_balanced_across_the_actor_pool():
+    from rayablate.sampling import balanced_batch_size
+
+    assert balanced_batch_size(96, 1, 16) == 16  # the data stage's batches as before: anchors unchanged
+    for rows, actors, largest in [(160, 2, 32), (96, 2, 16), (7, 2, 32), (1, 4, 32), (1000, 3, 32)]:
+        b = balanced_batch_size(rows, actors, largest)
+        batches = -(-rows // b)
+        assert 1 <= b <= largest
+        assert batches % actors == 0 or batches < actors  # every actor gets as many batches
+        assert b * (batches - 1) < rows  # no empty batch
+
+
+def test_a_jobs_evaluation_uses_both_cores_on_cpu_and_one_sampler_per_gpu():
+    from rayablate.job import EVAL_CPU_ACTORS, evaluation_actors
+
+    assert evaluation_actors(config_from_dict({}), 1) == EVAL_CPU_ACTORS == 2
+    assert evaluation_actors(config_from_dict({}), 3) == 3
+    import dataclasses
+
+    assert evaluation_actors(dataclasses.replace(config_from_dict({}), use_gpu=True), 1) == 1
 
 
 # --- anchor kinds ------------------------------------------------------------------------------
