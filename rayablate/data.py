@@ -231,11 +231,11 @@ def _user_row(r: dict, spec, world, resolution: int, i: int) -> dict:
 
 def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, world,
                         user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
-                        image_weight: float = 0.0, threads: int = 1) -> Path:
+                        image_weight: float = 0.0) -> Path:
     """Generate anchor images, join user pairs, compute CLIP masks; write parquet shards to `out_dir`.
 
     Written to a temporary folder first and renamed at the end, so a failure leaves nothing behind.
-    `threads`: torch threads of each sampler actor. Returns the folder of parquet shards.
+    Returns the folder of parquet shards.
     """
     import ray
 
@@ -249,8 +249,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
     ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
-                        use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption", batch_size=16,
-                        threads=threads)
+                        use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption", batch_size=16)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(

@@ -23,13 +23,13 @@ from .prompts import EvalGroup
 
 
 def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
-                          seed: int, num_actors: int = 1, threads: int = 1) -> dict[str, dict[str, np.ndarray]]:
+                          seed: int, num_actors: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """{group name: {"before": uint8 NxHxWx3, "after": ...}} through a Ray Data actor pool."""
     rows = [{"group": g.name, "prompt": p, "seed": S.prompt_seed(seed, i), "idx": i}
             for g in groups for i, p in enumerate(g.prompts)]
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
     ds = S.sample_dataset(rows, model_path, deltas, steps=cfg.eval_steps, guidance=cfg.guidance_scale,
-                          use_gpu=cfg.use_gpu, num_actors=num_actors, batch_size=32, threads=threads)
+                          use_gpu=cfg.use_gpu, num_actors=num_actors, batch_size=32)
     images = S.collect_images(ds, list(deltas), key=lambda r: r["group"])
     return {g.name: images.get(g.name, {}) for g in groups}
 
@@ -58,7 +58,7 @@ def quick_evaluate(cfg: AblationConfig, model_path: str, delta_path: str, clip_n
 
 def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_name: str, out_dir: str | Path,
              world, train_history: list[dict] | None = None, num_actors: int = 1, seed: int | None = None,
-             extra: dict | None = None, threads: int = 1) -> dict:
+             extra: dict | None = None) -> dict:
     """Generate, measure and write metrics.json, report.md, grid.png and loss_curve.png into `out_dir`."""
     from .clip import ClipScorer
 
@@ -71,7 +71,7 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
 
     say(f"[evaluate] generating {sum(len(g.prompts) for g in groups)} prompts x (before, after) "
         f"in {len(groups)} groups")
-    images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors, threads)
+    images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors)
     metrics = M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
     metrics["wall_seconds"] = time.time() - t0
     metrics["config"] = to_dict(cfg)

@@ -273,7 +273,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
                 resume: bool = True, run_name: str | None = None, cpus_per_worker: float | None = None,
                 max_failures: int = 0, worker_resources: dict | None = None, evaluation: str | None = "full",
                 eval_context: dict | None = None, log=_say, started: float | None = None,
-                eval_actors: int | None = None, sampler_threads: int = 1) -> dict:
+                eval_actors: int | None = None) -> dict:
     """One concept into `out`: data -> Ray Train -> evaluation; the one pipeline of train, batch and tune.
 
     Inputs are checked and Ray is started by the caller (see `ablate`). The data is built into
@@ -281,8 +281,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
     `evaluate.evaluate` (metrics.json, report.md, grid.png, loss_curve.png); "quick": in-process
     after-images against eval_context={"groups", "before", "seed"} (a Tune trial); None: none.
     `log` gets each progress line; metrics' wall_seconds count from `started` (default: now).
-    `eval_actors`: the evaluation's sampler actors (default `num_actors`); `sampler_threads`: the
-    torch threads of each data-stage sampler actor (1 where other work shares the cores).
+    `eval_actors`: the evaluation's sampler actors (default `num_actors`).
     Returns {"metrics": dict | None, "train": run_training's dict, "data_dir": Path, "data": data_summary}.
     """
     from .config import concept_name
@@ -299,8 +298,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
         stages["edit"] = time.time() - t
     else:
         t = time.time()
-        data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log,
-                                          sampler_threads)
+        data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
         stages["data"] = time.time() - t
         log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
             f"{cfg.precision}, group {cfg.param_group}")
@@ -347,7 +345,7 @@ def _closed_form(cfg, out: Path, models: Models, log) -> dict:
 
 
 def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_threshold, num_actors: int,
-                  log, threads: int = 1) -> tuple[Path, dict]:
+                  log) -> tuple[Path, dict]:
     """(shard folder, data_summary): built into out/"data" unless `data_dir` is given."""
     from .data import build_training_data, data_summary
 
@@ -356,8 +354,7 @@ def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_thre
     log(f"1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks")
     t = time.time()
     data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
-                                   num_actors=num_actors, resolution=_model_resolution(models.model_path),
-                                   threads=threads)
+                                   num_actors=num_actors, resolution=_model_resolution(models.model_path))
     summary = data_summary(data_dir)
     log(f"    {summary} in {time.time() - t:.0f}s")
     return data_dir, summary
@@ -392,7 +389,6 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     at `export_rank` (default: the lora group's `lora_rank`, else export.DEFAULT_RANK).
     """
     from .config import concept_name
-    from .resources import local_sampler_threads
     from .storage import is_remote
 
     if is_remote(output_dir):
@@ -415,8 +411,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
          f"in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,
                          run_name=run_name, worker_resources=worker_resources, started=t0,
-                         eval_actors=evaluation_actors(cfg, num_actors),
-                         sampler_threads=local_sampler_threads(num_actors, cfg.use_gpu))
+                         eval_actors=evaluation_actors(cfg, num_actors))
     metrics = result["metrics"]
     if exports:
         rank = export_rank or (cfg.lora_rank if cfg.param_group == "lora" else None)
@@ -430,7 +425,8 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
 # Sampler actors of a job's evaluation on CPUs. Each runs one thread on half a CPU, so one actor left
 # a 2-core machine's second core idle while 320 images were drawn: two took the default job's
 # evaluation from 39 s to 27 s. (The data stage keeps `num_actors`: there two samplers and the CLIP
-# actor would hold 1.5 of 2 CPUs, and its 96 rows did not come faster.)
+# actor would hold 1.5 of 2 CPUs, and its 96 rows did not come faster; nor with one sampler on 2
+# threads: 17.1 s against 17.8 s, most of the stage is the actor's start-up.)
 EVAL_CPU_ACTORS = 2
 
 

@@ -20,17 +20,3 @@ def cpu_share(total_cpus: float, slots: int) -> float:
 def actor_resources(use_gpu: bool) -> dict:
     """Ray Data actor resources: a whole GPU, or half a CPU (fractional: see `cpu_share`)."""
     return {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}
-
-
-def local_sampler_threads(num_actors: int, use_gpu: bool) -> int:
-    """Torch threads of each sampler actor of a single-concept job on a Ray this process started:
-    the node's CPUs shared by the pool (one actor on 2 cores draws with 2 threads, two with 1 each).
-    1 on a GPU, and on a cluster (RAY_ADDRESS), where other work shares the nodes."""
-    import os
-
-    import ray
-
-    if use_gpu or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
-        return 1
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(cpus, os.cpu_count() or 1) // max(1, num_actors))

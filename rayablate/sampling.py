@@ -30,13 +30,12 @@ class Sampler:
     """
 
     def __init__(self, model_path: str, deltas: dict[str, str | None], prompt_column: str = "prompt",
-                 steps: int | None = None, guidance: float | None = None, use_gpu: bool = False,
-                 threads: int = 1):
+                 steps: int | None = None, guidance: float | None = None, use_gpu: bool = False):
         import torch
 
         from .pipeline import apply_delta, load_pipeline
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.pipes = {}
         for column, delta in deltas.items():
@@ -78,18 +77,21 @@ class Sampler:
 
 def balanced_batch_size(num_rows: int, num_actors: int, largest: int) -> int:
     """The batch size (<= `largest`) that splits `num_rows` into a multiple of `num_actors` batches
-    of near-equal size: 160 rows on 2 actors in batches of 32 left one actor 3 batches and the other 2."""
+    of near-equal size: 160 rows on 2 actors in batches of 32 left one actor 3 batches and the other 2.
+    One actor keeps batches of `largest`, the batches the in-process API draws anchor images in."""
     actors = max(1, num_actors)
+    if actors == 1:
+        return max(1, largest)
     rounds = -(-max(1, num_rows) // (actors * max(1, largest)))
     return max(1, -(-max(1, num_rows) // (actors * rounds)))
 
 
 def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *, steps: int | None = None,
                    guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1,
-                   prompt_column: str = "prompt", batch_size: int = 16, threads: int = 1):
+                   prompt_column: str = "prompt", batch_size: int = 16):
     """A Ray Dataset (rows as dicts, or a Dataset) with `Sampler` mapped over it in an actor pool.
     Rows given as dicts are batched evenly across the actors (`balanced_batch_size`, at most
-    `batch_size` a batch). `threads`: torch threads of each actor (1 where processes share cores)."""
+    `batch_size` a batch)."""
     import ray
 
     from .resources import actor_resources
@@ -101,7 +103,7 @@ def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *
         ds, batch_size = ray.data.from_items(rows), balanced_batch_size(len(rows), num_actors, batch_size)
     return ds.map_batches(Sampler, fn_constructor_kwargs=dict(
         model_path=model_path, deltas=deltas, prompt_column=prompt_column, steps=steps, guidance=guidance,
-        use_gpu=use_gpu, threads=threads), batch_size=batch_size,
+        use_gpu=use_gpu), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_actors), **actor_resources(use_gpu))
 
 

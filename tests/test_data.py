@@ -163,7 +163,8 @@ def _local_shards_split_the_canonical_rows(out, out1):
 def test_sampler_batches_are_balanced_across_the_actor_pool():
     from rayablate.sampling import balanced_batch_size
 
-    assert balanced_batch_size(96, 1, 16) == 16  # the data stage's batches as before: anchors unchanged
+    for rows in (96, 100, 7):  # one actor: the in-process API's batches, so its anchor images are the job's
+        assert balanced_batch_size(rows, 1, 16) == 16
     for rows, actors, largest in [(160, 2, 32), (96, 2, 16), (7, 2, 32), (1, 4, 32), (1000, 3, 32)]:
         b = balanced_batch_size(rows, actors, largest)
         batches = -(-rows // b)
