@@ -176,7 +176,9 @@ def _train(argv) -> int:
     add_common_flags(ap)
     ap.add_argument("--user-data", help="extra image-text pairs: a parquet file/folder (columns image, caption) "
                                         "or a folder of images with .txt captions")
-    ap.add_argument("--num-actors", type=int, default=1, help="actors per Ray Data stage (generation, CLIP)")
+    ap.add_argument("--num-actors", type=int, default=1,
+                    help="actors per Ray Data stage (anchor generation, CLIP masks); the evaluation uses at "
+                         "least 2 on CPUs, so both cores draw")
     ap.add_argument("--no-resume", action="store_true", help="start over instead of resuming from checkpoints")
     ap.add_argument("--worker-resources", type=_resources, default=None, metavar="JSON",
                     help="custom Ray resources each training worker needs, e.g. '{\"gpu_a10g\": 1}' to train "
