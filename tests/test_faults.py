@@ -30,11 +30,15 @@ pytestmark = pytest.mark.slow
 # --- the driver: jobs/train.py interrupted and rerun --------------------------------------------
 
 # One worker, ZeRO-0: the job's DeepSpeed engine steps the same AdamW as the in-process core.
+# A checkpoint every step: the test interrupts a run after one of its checkpoints, and the steps
+# that follow must outlast the driver's stop (Ray's shutdown takes 1-2 s, and the workers train
+# on until it ends). With a checkpoint every 2 steps, once the job's training started faster, a
+# SIGTERM run finished all 12 steps before it stopped, and the rerun had nothing to resume.
 JOB_CONFIG = """\
 steps: 12
 zero_stage: 0
-checkpoint_every: 2
-report_every: 2
+checkpoint_every: 1
+report_every: 1
 batch_size: 4
 num_workers: 1
 num_anchor_images: 8
