@@ -114,6 +114,17 @@ class ShardCache:
                                               hashlib.sha1(bytes(cols["image"][i])).hexdigest()))
         self.columns = {k: v[np.asarray(key, dtype=np.int64)] for k, v in cols.items()}
 
+    @classmethod
+    def of_ordered(cls, columns: dict) -> "ShardCache":
+        """A ready cache of rows already in the canonical order (`data.LocalShards.rank_rows`), so
+        they are not sorted and hashed again; no rows: a cache that gave up (`ok` False)."""
+        cache = cls(float("inf"))
+        if len(columns.get("mask", ())):
+            cache.columns = dict(columns)
+        else:
+            cache.ok = False
+        return cache
+
     def batches(self, batch_size: int, seed: int | None):
         """One epoch: a permutation drawn from `seed` (None: canonical order), in batches."""
         n = len(self.columns["mask"])

@@ -279,18 +279,16 @@ class _Worker:
         shuffle = int(self.config.get("shuffle_buffer", 4 * cfg.batch_size))
         local = self.config.get("local_shards")
         if local is not None:  # data.LocalShards: this rank's rows, read from the folder itself
-            cache, shard = ShardCache(float("inf")), None
-            cache.add(local.rank_rows(self.rank, self.world))
-            cache.finish()
+            shard, cache = None, ShardCache.of_ordered(local.rank_rows(self.rank, self.world))
             if cache.columns is None:
                 return lambda epoch: iter(())  # no row for this rank: step_batches says so
         else:
             shard = ray.train.get_dataset_shard("train")
             cache = ShardCache(float(self.config.get("shard_cache_mb", SHARD_CACHE_MB)) * 2**20)
-        if cache.ok and local is None:
-            for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
-                cache.add(raw)
-            cache.finish()
+            if cache.ok:
+                for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
+                    cache.add(raw)
+                cache.finish()
 
         def batches(epoch: int):
             seed = epoch_seed(cfg.seed, self.rank, epoch)
@@ -499,9 +497,8 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
         ray.init()
     from . import console
 
-    board = console.board_cls().remote()
-    counter = board  # the board also counts attempts (one actor fewer to start)
-    extra = {"attempt_counter": counter, "faults": faults, "board": board, "verbose": console.is_verbose(),
+    board = console.board_cls().remote()  # it also counts the worker group's starts
+    extra = {"attempt_counter": board, "faults": faults, "board": board, "verbose": console.is_verbose(),
              "log_dir": str(output_dir / console.LOG_DIR)}
     trainer = make_trainer(cfg, train_ds, model_path, storage, run_name, max_failures=max_failures,
                            cpus_per_worker=cpus_per_worker, callbacks=callbacks, extra_loop_config=extra,
@@ -518,7 +515,7 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
             _raise_worker_error(e)
         if result.error is not None:
             _raise_worker_error(result.error)
-        attempts = ray.get(counter.count.remote())
+        attempts = ray.get(board.count.remote())
     finally:
         ray.kill(board)
     wall = time.time() - t0

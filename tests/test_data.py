@@ -151,7 +151,13 @@ def _local_shards_split_the_canonical_rows(out, out1):
     remasked = LocalShards(str(out), clip_threshold=1.0).rank_rows(0, 1)
     assert int(remasked["mask"].sum()) == 0
     assert list(remasked["anchor_caption"]) == list(remasked["target_caption"])
-    assert len(LocalShards(str(out1)).rank_rows(99, 100)["seed"]) == 0  # more ranks than rows: an empty rank
+    empty = LocalShards(str(out1)).rank_rows(99, 100)
+    assert len(empty["seed"]) == 0  # more ranks than rows: an empty rank
+    from rayablate.method import ShardCache
+
+    cache = ShardCache.of_ordered(ranks[1])  # what a worker keeps: its rows as read, not sorted again
+    assert list(next(cache.batches(100, None))["seed"]) == seeds[1]
+    assert ShardCache.of_ordered(empty).columns is None and not ShardCache.of_ordered(empty).ok
     os.environ["RAYABLATE_LOCAL_SHARDS"] = "0"
     try:
         assert isinstance(training_source(out), ray.data.Dataset)
