@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-CONFIGS = {"striped": None, "zorb": ROOT / "configs" / "instance_zorb.yaml"}
+from benchmarks.robust_inprocess import CONFIGS, parse_overrides  # noqa: E402
+
 BAR = {"target": 0.02, "paraphrase": 0.05, "kept": 0.97}
 
 
@@ -43,19 +44,12 @@ def main() -> int:
     ap.add_argument("--output-dir", default="outputs/bench-convergence")
     args = ap.parse_args()
     steps_list = [int(s) for s in args.steps.split(",") if s]
-    over = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set wants FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    over = parse_overrides(ap, args.set)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    import rayablate
     from rayablate.api import ablate_rows, training_rows
     from rayablate.clip import ClipScorer
     from rayablate.config import load_config
@@ -82,12 +76,8 @@ def main() -> int:
                     continue
                 run = dataclasses.replace(cfg, init=init, steps=steps, batch_size=cfg.batch_size * cfg.num_workers)
                 t = time.time()
-                if steps == 0:
-                    from rayablate.closed_form import closed_form_edit
-                    from rayablate.api import Delta
-
-                    tensors, _ = closed_form_edit(pipe, dataclasses.replace(run, method="closed-form"), world)
-                    delta = Delta(tensors, {})
+                if steps == 0:  # the closed-form edit alone
+                    delta = rayablate.ablate(pipe, cfg.concept, config=cfg, world=world, method="closed-form")
                 else:
                     delta = ablate_rows(pipe, run, rows, world, progress=False)
                 train_s = time.time() - t

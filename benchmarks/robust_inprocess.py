@@ -34,6 +34,18 @@ def parse_value(text: str):
         return text
 
 
+def parse_overrides(ap: argparse.ArgumentParser, items: list[str]) -> dict:
+    """--set FIELD=VALUE items as config overrides (JSON values, else strings); benchmarks/convergence.py
+    takes its --set the same way."""
+    over = {}
+    for item in items:
+        if "=" not in item:
+            ap.error(f"--set wants FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        over[k] = parse_value(v)
+    return over
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("concept", choices=sorted(CONFIGS))
@@ -43,12 +55,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default="outputs/robust_inprocess.jsonl")
     args = ap.parse_args()
-    over = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set wants FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        over[k] = parse_value(v)
+    over = parse_overrides(ap, args.set)
 
     import torch
 
