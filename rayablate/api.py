@@ -90,9 +90,14 @@ def _config(concept: ConceptSpec, config: AblationConfig | None, overrides: dict
 def _world(concept: ConceptSpec, world):
     """The toy world for its own concepts (when no prompts are given), or for a memorized caption
     whose neighbours are its concepts; a PromptWorld otherwise. A memorized concept's world also
-    judges replicas of its image (`memorized.MemorizedWorld`)."""
+    judges replicas of its image (`memorized.MemorizedWorld`). `world` may also be a toy world's
+    name: "v1" or "v2" (`toyworld/v2.py`, the bundle `--model toy:v2` names)."""
     from .memorized import world_for_spec
 
+    if isinstance(world, str):
+        from .toyworld.vocab import ToyWorld
+
+        world = ToyWorld(world=world)
     if world is not None:
         return world_for_spec(world, concept)
     from .prompts import target_concept
@@ -105,12 +110,13 @@ def _world(concept: ConceptSpec, world):
     return world_for_spec(toy if ours else PromptWorld(), concept)
 
 
-def _clip(clip: str | None, cfg: AblationConfig) -> str:
+def _clip(clip: str | None, cfg: AblationConfig, world=None) -> str:
+    """The CLIP to use: given, the config's, else the toy bundle's (of the world's toy world)."""
     if clip or cfg.clip:
         return clip or cfg.clip
     from .toyworld import bundle_paths
 
-    return str(bundle_paths()["clip"])
+    return str(bundle_paths(world=getattr(world, "world_name", "v1"))["clip"])
 
 
 def _progress(total: int, desc: str, show: bool):
@@ -163,7 +169,7 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
 
         tensors, info = closed_form_edit(pipe, cfg, world)
         return Delta(tensors, delta_metadata(GROUP, architecture_fingerprint(pipe), {"method": "closed-form"}))
-    return ablate_rows(pipe, cfg, training_rows(pipe, cfg, world, _clip(clip, cfg), progress), world, progress,
+    return ablate_rows(pipe, cfg, training_rows(pipe, cfg, world, _clip(clip, cfg, world), progress), world, progress,
                        callback)
 
 
@@ -214,5 +220,5 @@ def evaluate(pipe_before, pipe_after, concept: ConceptSpec, *, world=None, clip:
     shots = {w: sample_groups(p, groups, seed, steps, guidance, str(p.device))
              for w, p in (("before", pipe_before), ("after", pipe_after))}
     images = {g.name: {w: shots[w][g.name] for w in shots} for g in groups}
-    scorer = ClipScorer.load(_clip(clip, cfg))
+    scorer = ClipScorer.load(_clip(clip, cfg, world))
     return Report(measure_groups(groups, images, cfg.concept, scorer, world.judge(), world))

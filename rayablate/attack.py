@@ -102,8 +102,7 @@ def _slot(caption: str, words: Sequence[str]) -> str:
 
 def toy_references(spec, world, n: int, seed: int) -> References:
     """Renders of the target from the toy world's renderer, captioned with the concept slot."""
-    from .toyworld import world as W
-
+    W = world.w  # the ToyWorld's world definition (v1 or v2)
     rng = np.random.default_rng(seed + 17)
     images, captions = [], []
     for prompt, labels in W.iter_prompts_naming(spec.target, n, seed + 5):
@@ -244,12 +243,10 @@ class AttackJudge:
 
     def score(self, images: np.ndarray) -> float:
         if self.judge is not None and hasattr(self.judge, "probabilities"):
-            from .toyworld import world as W
-
+            W = self.judge.world  # the probe's world definition
             probs = self.judge.probabilities(images)
             attr = W.attribute_of(self.spec.target)
-            values = {"object": W.OBJECTS, "colour": W.COLOURS, "pattern": W.PATTERNS}[attr]
-            p = probs[attr][:, values.index(self.spec.target)] * probs["valid"][:, 1]
+            p = probs[attr][:, W.values(attr).index(self.spec.target)] * probs["valid"][:, 1]
             return float(p.mean()) + self.rate(images)
         emb = self.scorer.encode_images(images)
         t = self.scorer.concept_embedding(self.world.concept_texts(self.spec.target))

@@ -67,8 +67,9 @@ ALIASES = {"lr_matcher": ["--learning_rate"], "steps": ["--max_train_steps"], "b
 def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = None) -> None:
     ap.add_argument("--config", help="concept YAML (see configs/); flags below override its fields")
     ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model",
-                    help="diffusers folder or hub id (default: the bundled toy pipeline; toy:memorized: the toy "
-                         "pipeline with a memorized image, see configs/memorized_zorb_poster.yaml)")
+                    help="diffusers folder or hub id (default: the bundled toy pipeline, world v1; toy:v2: the "
+                         "bundled world v2, 20 characters and 8 styles; toy:memorized: the toy pipeline with a "
+                         "memorized image, see configs/memorized_zorb_poster.yaml)")
     ap.add_argument("--output-dir", default=output_default, help="where results are written")
     for name, (_, tp, help_) in OVERRIDES.items():
         flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])

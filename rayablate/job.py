@@ -25,27 +25,25 @@ class Models:
 
 
 def resolve_models(cfg: AblationConfig) -> Models:
-    """The bundled toy world where the config names no model (or `toy:memorized`, the toy SD with a
-    memorized image); the config's models otherwise. A memorized concept's world judges replicas."""
+    """The bundled toy world where the config names no model, `toy:v2` (world v2's bundle) or
+    `toy:memorized` (the v1 toy SD with a memorized image), or a toy bundle's `sd` folder; the
+    config's models otherwise. A memorized concept's world judges replicas."""
     from .memorized import world_for_spec
     from .pipeline import PipelineLoadError, looks_like_path
-    from .toyworld import TOY_MEMORIZED, bundle_paths, memorized_model
+    from .toyworld import TOY_MEMORIZED, bundle_paths, memorized_model, toy_bundle_of
 
-    toy_model = not cfg.model or cfg.model == TOY_MEMORIZED
-    if not toy_model and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
+    named_toy = not cfg.model or cfg.model.startswith("toy:")
+    if not named_toy and looks_like_path(cfg.model) and not Path(cfg.model).expanduser().exists():
         raise PipelineLoadError(f"model path does not exist: {Path(cfg.model).expanduser()}")
-    toy_paths = None
-    if toy_model or not cfg.clip:
-        toy_paths = bundle_paths()
-    if cfg.model == TOY_MEMORIZED:
-        try:
-            model = str(memorized_model())
-        except FileNotFoundError as e:
-            raise PipelineLoadError(str(e)) from e
-    else:
-        model = cfg.model or str(toy_paths["sd"])
+    try:
+        found = toy_bundle_of(cfg.model)  # (world, bundle folder) of a toy model
+        toy_paths = bundle_paths(found[1], world=found[0]) if found else None if cfg.clip else bundle_paths()
+        model = str(memorized_model()) if cfg.model == TOY_MEMORIZED else \
+            str(toy_paths["sd"]) if named_toy else cfg.model
+    except (FileNotFoundError, ValueError) as e:
+        raise PipelineLoadError(f"model: {e}") from e
     clip = cfg.clip or str(toy_paths["clip"])
-    world = world_for("" if toy_model else cfg.model, str(toy_paths["probe"]) if toy_model else None)
+    world = world_for(cfg.model, str(toy_paths["probe"]) if found else None)
     return Models(model, clip, world_for_spec(world, cfg.concept))
 
 

@@ -7,8 +7,6 @@ vocabulary, paraphrases and attribute probe. A world is passed to the pipeline a
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import prompts as P
 
 
@@ -71,11 +69,14 @@ class PromptWorld:
 
 
 def world_for(model: str, probe: str | None = None) -> PromptWorld:
-    """The toy world for the bundled toy pipeline (`model` empty or its folder), a PromptWorld otherwise."""
-    from .toyworld import BUNDLE_DIR
+    """The toy world of a toy bundle's SD (`model` empty, `toy:v2`, or a bundle's `sd` folder; see
+    `toyworld.toy_bundle_of`), with `probe` or the bundle's own probe; a PromptWorld otherwise."""
+    from .toyworld import toy_bundle_of
 
-    if model and Path(model).expanduser().resolve() != (BUNDLE_DIR / "sd").resolve():
+    found = toy_bundle_of(model)
+    if found is None:
         return PromptWorld()
     from .toyworld.vocab import ToyWorld
 
-    return ToyWorld(probe)
+    name, root = found
+    return ToyWorld(probe or str(root / "probe" / "probe.safetensors"), world=name)

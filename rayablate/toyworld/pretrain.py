@@ -5,6 +5,10 @@ with caption dropout, EMA), `export` (writes the bundle), `memorize` (a fine-tun
 SD that memorizes one image, written into the bundle as a small delta). Every stage writes its
 result to `work_dir` (or the bundle) and is skipped when that result exists, so an interrupted
 run resumes.
+
+`world` picks the toy world (`world.by_name`: "v1", the bundled default, or "v2"). `warm_start`, a
+bundle folder of another world, starts the VAE and the UNet + text encoder from its weights (token
+embeddings are matched by token string; tokens new to this world start at random).
 """
 from __future__ import annotations
 
@@ -32,12 +36,12 @@ def _log(msg: str) -> None:
 
 # --- data -------------------------------------------------------------------------------
 
-def stage_data(work: Path, seed: int, n: int) -> None:
+def stage_data(work: Path, seed: int, n: int, w: world.WorldDef = world.V1) -> None:
     out = work / "data.npz"
     if out.exists():
         return
     t = time.time()
-    images, captions, labels = world.sample(n, seed)
+    images, captions, labels = w.sample(n, seed)
     tmp = work / "data.tmp.npz"
     np.savez_compressed(tmp, images=images, captions=np.array(captions), labels=labels)
     tmp.rename(out)
@@ -95,7 +99,7 @@ def photometric_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def stage_probe(work: Path, seed: int, steps: int = 1000) -> None:
+def stage_probe(work: Path, seed: int, steps: int = 1000, w: world.WorldDef = world.V1) -> None:
     out = work / "probe.safetensors"
     if out.exists():
         return
@@ -104,7 +108,7 @@ def stage_probe(work: Path, seed: int, steps: int = 1000) -> None:
     n_train = int(0.9 * len(x_all))
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    probe = models.AttributeProbe()
+    probe = models.AttributeProbe(world=w)
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     t = time.time()
@@ -140,13 +144,13 @@ def probe_accuracy(probe, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 # --- tiny CLIP --------------------------------------------------------------------------
 
-def stage_clip(work: Path, seed: int, steps: int = 1200, batch: int = 128) -> None:
+def stage_clip(work: Path, seed: int, steps: int = 1200, batch: int = 128, w: world.WorldDef = world.V1) -> None:
     import open_clip
 
     out = work / "clip.safetensors"
     if out.exists():
         return
-    tok = build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH)
+    tok = build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH, world=w)
     images, captions, labels = load_data(work)
     x_all, y_all = to_tensor(images), torch.from_numpy(labels)
     ids_all = tokenize(tok, captions)
@@ -190,7 +194,7 @@ def tokenize(tok, texts: list[str]) -> torch.Tensor:
 
 # --- VAE --------------------------------------------------------------------------------
 
-def stage_vae(work: Path, seed: int, steps: int = 1500) -> None:
+def stage_vae(work: Path, seed: int, steps: int = 1500, warm_start: Path | None = None) -> None:
     from diffusers import AutoencoderKL
 
     out = work / "vae"
@@ -201,6 +205,9 @@ def stage_vae(work: Path, seed: int, steps: int = 1500) -> None:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 2)
     vae = AutoencoderKL(**models.vae_config())
+    if warm_start is not None:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(warm_start / "sd" / "vae").state_dict())
+        _log(f"vae: warm start from {warm_start}")
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     t = time.time()
@@ -226,7 +233,8 @@ def stage_vae(work: Path, seed: int, steps: int = 1500) -> None:
 
 # --- tiny SD: UNet + text encoder ---------------------------------------------------------
 
-def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: int = 64, lr: float = 8e-4) -> None:
+def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: int = 64, lr: float = 8e-4,
+             w: world.WorldDef = world.V1, warm_start: Path | None = None) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -235,7 +243,7 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
     if done.exists():
         return
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer") if (work / "tokenizer" / "tokenizer_config.json").exists() \
-        else build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH)
+        else build_tokenizer(work / "tokenizer", models.CONTEXT_LENGTH, world=w)
     tok.save_pretrained(work / "tokenizer")
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     images, captions, _ = load_data(work)
@@ -246,6 +254,8 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**models.unet_config())
     text = CLIPTextModel(CLIPTextConfig(**models.text_encoder_config(len(tok))))
+    if warm_start is not None and not ckpt.exists():
+        _warm_start_sd(unet, text, tok, warm_start / "sd")
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
@@ -299,6 +309,29 @@ def stage_sd(work: Path, seed: int, steps: int, minutes: float | None, batch: in
         done.write_text(json.dumps({"steps": step}))
 
 
+def _warm_start_sd(unet, text, tok, sd_dir: Path) -> None:
+    """Start from another bundle's UNet and text encoder (same architecture). The text encoder's
+    token embedding is copied row by row for the tokens both vocabularies have."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(sd_dir / "unet").state_dict())
+    src = CLIPTextModel.from_pretrained(sd_dir / "text_encoder")
+    src_vocab = CLIPTokenizer.from_pretrained(sd_dir / "tokenizer").get_vocab()
+    state = {k: v for k, v in src.state_dict().items() if "token_embedding" not in k}
+    missing = text.load_state_dict(state, strict=False).missing_keys
+    assert all("token_embedding" in k for k in missing), missing
+    emb, src_emb = text.get_input_embeddings().weight, src.get_input_embeddings().weight
+    shared = 0
+    with torch.no_grad():
+        for token, i in tok.get_vocab().items():
+            j = src_vocab.get(token)
+            if j is not None:
+                emb[i] = src_emb[j]
+                shared += 1
+    _log(f"sd: warm start from {sd_dir}: UNet, text layers and {shared}/{len(tok)} token embeddings")
+
+
 def _cached_latents(path: Path, vae, images) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, logvar) of every training image, computed once and kept in `path`."""
     if path.exists():
@@ -343,7 +376,7 @@ def snapshot_sd(work: Path) -> int:
 
 # --- export -----------------------------------------------------------------------------
 
-def stage_export(work: Path, dest: Path) -> None:
+def stage_export(work: Path, dest: Path, w: world.WorldDef = world.V1) -> None:
     """Assemble the bundle: a diffusers pipeline folder, the tiny CLIP and the probe."""
     import shutil
 
@@ -370,6 +403,7 @@ def stage_export(work: Path, dest: Path) -> None:
     CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(clip_dir / "tokenizer")
     (tmp / "probe").mkdir()
     shutil.copy(work / "probe.safetensors", tmp / "probe" / "probe.safetensors")
+    (tmp / "world.json").write_text(json.dumps({"world": w.name}))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -501,22 +535,30 @@ def stage_memorize(dest: Path, seed: int, steps: int = 400, batch: int = 32, lr:
 
 def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps: int = 6000,
         sd_minutes: float | None = None, stages=STAGES, probe_steps: int = 1000, clip_steps: int = 1200,
-        vae_steps: int = 1500, memorize_steps: int = 400) -> None:
+        vae_steps: int = 1500, memorize_steps: int = 400, world_name: str = "v1",
+        warm_start: str | None = None) -> None:
+    w = world.by_name(world_name)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    made_for = work / "world.json"
+    if made_for.exists() and json.loads(made_for.read_text())["world"] != w.name:
+        raise ValueError(f"{work} holds stages of world {json.loads(made_for.read_text())['world']}, not {w.name}: "
+                         f"give another --work-dir")
+    made_for.write_text(json.dumps({"world": w.name}))
+    warm = Path(warm_start) if warm_start else None
     torch.manual_seed(seed)
     if "data" in stages:
-        stage_data(work, seed, n_images)
+        stage_data(work, seed, n_images, w)
     if "probe" in stages:
-        stage_probe(work, seed, probe_steps)
+        stage_probe(work, seed, probe_steps, w)
     if "clip" in stages:
-        stage_clip(work, seed, clip_steps)
+        stage_clip(work, seed, clip_steps, w=w)
     if "vae" in stages:
-        stage_vae(work, seed, vae_steps)
+        stage_vae(work, seed, vae_steps, warm)
     if "sd" in stages:
-        stage_sd(work, seed, sd_steps, sd_minutes)
+        stage_sd(work, seed, sd_steps, sd_minutes, w=w, warm_start=warm)
     if "export" in stages:
-        stage_export(work, Path(dest))
+        stage_export(work, Path(dest), w)
         shutil.rmtree(Path(dest) / MEMORIZED_DIR, ignore_errors=True)  # a new SD: its old fine-tune is stale
-    if "memorize" in stages:
+    if "memorize" in stages and w is world.V1:  # the memorized image is a v1 render
         stage_memorize(Path(dest), seed, memorize_steps)

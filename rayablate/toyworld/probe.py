@@ -8,17 +8,17 @@ import torch
 from safetensors.torch import load_file
 
 from ..images import as_float_nchw
-from . import world
 from .models import AttributeProbe
-
-_ATTR_VALUES = {"object": world.OBJECTS, "colour": world.COLOURS, "pattern": world.PATTERNS}
+from .world import ATTRIBUTES, V1, WorldDef
 
 
 class ProbeJudge:
     """Reads images with the attribute probe; rejects images that are not valid renders."""
 
-    def __init__(self, path: str | Path, valid_threshold: float = 0.5, confidence: float = 0.5):
-        self.model = AttributeProbe()
+    def __init__(self, path: str | Path, valid_threshold: float = 0.5, confidence: float = 0.5,
+                 world: WorldDef = V1):
+        self.world = world
+        self.model = AttributeProbe(world=world)
         self.model.load_state_dict(load_file(str(path)))
         self.model.eval()
         self.valid_threshold = valid_threshold
@@ -35,9 +35,10 @@ class ProbeJudge:
         """Boolean per image: a valid render that confidently shows `concept` (every part of a
         composition such as "striped zorb"; any member of a category such as "zorb or kubo")."""
         probs = probs or self.probabilities(images)
-        op, parts = world.concept_parts(concept)  # a value, a composition (AND) or a category (OR)
-        shows = [probs[a][:, _ATTR_VALUES[a].index(v)] > self.confidence
-                 for v, a in ((v, world.attribute_of(v)) for v in parts)]
+        w = self.world
+        op, parts = w.concept_parts(concept)  # a value, a composition (AND) or a category (OR)
+        shows = [probs[a][:, w.values(a).index(v)] > self.confidence
+                 for v, a in ((v, w.attribute_of(v)) for v in parts)]
         hit = shows[0]
         for s in shows[1:]:
             hit = (hit | s) if op == "or" else (hit & s)
@@ -54,7 +55,8 @@ class ProbeJudge:
             return float("nan")
         probs = probs or self.probabilities(images)
         ok = probs["valid"][:, 1] > self.valid_threshold
-        for attr, values in _ATTR_VALUES.items():
+        for attr in ATTRIBUTES:
+            values = self.world.values(attr)
             want = torch.tensor([values.index(getattr(lab, attr)) for lab in labels])
             ok &= probs[attr].argmax(-1) == want
         return float(ok.float().mean())
@@ -66,10 +68,10 @@ class ProbeJudge:
         if not len(images):
             return {}
         probs = probs or self.probabilities(images)
-        attr = world.attribute_of(concept)
+        attr = self.world.attribute_of(concept)
         valid = probs["valid"][:, 1] > self.valid_threshold
         top = probs[attr].argmax(-1)
-        out = {v: float(((top == i) & valid).float().mean()) for i, v in enumerate(_ATTR_VALUES[attr])}
+        out = {v: float(((top == i) & valid).float().mean()) for i, v in enumerate(self.world.values(attr))}
         out["no render"] = float((~valid).float().mean())
         return out
 

@@ -24,20 +24,30 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: flo
 
 
 def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 64, steps: int = 25,
-                  guidance: float = 4.0, seed: int = 1234) -> list[dict]:
-    """Per concept: the rate at which it shows in images of prompts naming it and not naming it."""
-    rows = []
+                  guidance: float = 4.0, seed: int = 1234, progress=None, grid: str | None = None) -> list[dict]:
+    """Per concept: the rate at which it shows in images of prompts naming it and not naming it
+    (in the judge's world). `progress(i, concept)` is called before each concept. `grid`: a PNG path
+    for the first 8 images of prompts naming each concept, one row per concept."""
+    w = judge.world
+    rows, shown = [], []
     for k, concept in enumerate(concepts):
-        naming = [p for p, _ in world.iter_prompts_naming(concept, n, seed + 10 * k)]
-        other = [p for p, _ in world.iter_prompts_not_naming(concept, n, seed + 10 * k + 5)]
+        if progress:
+            progress(k, concept)
+        naming = [p for p, _ in w.iter_prompts_naming(concept, n, seed + 10 * k)]
+        other = [p for p, _ in w.iter_prompts_not_naming(concept, n, seed + 10 * k + 5)]
         imgs_n = generate(pipe, naming, seed, steps, guidance)
         imgs_o = generate(pipe, other, seed + 1, steps, guidance)
+        shown.append(imgs_n[:8])
         rows.append({
             "concept": concept,
             "rate_when_named": judge.concept_rate(imgs_n, concept),
             "rate_when_not_named": judge.concept_rate(imgs_o, concept),
             "valid_rate": judge.valid_rate(np.concatenate([imgs_n, imgs_o])),
         })
+    if grid and shown:
+        from ..images import save_grid
+
+        save_grid(shown, grid, labels=list(concepts))
     return rows
 
 
@@ -51,17 +61,16 @@ def format_table(rows: list[dict], bar_named: float = 0.9, bar_other: float = 0.
     return "\n".join(lines)
 
 
-def clip_zero_shot(scorer, images, labels) -> dict[str, float]:
-    """Zero-shot accuracy of a CLIP per attribute on labelled renders (labels: Nx3 object, colour, pattern).
+def clip_zero_shot(scorer, images, labels, w: world.WorldDef = world.V1) -> dict[str, float]:
+    """Zero-shot accuracy of a CLIP per attribute on labelled renders of world `w` (labels: Nx3
+    object, colour, pattern). Each class's text embedding averages canonical captions over every
+    value of the other attributes."""
+    from .vocab import ToyWorld
 
-    Each class's text embedding averages canonical captions over every value of the other attributes.
-    """
-    from ..prompts import concept_texts
-
+    toy = ToyWorld(world=w.name)
     out = {}
-    for k, (attr, values) in enumerate((("object", world.OBJECTS), ("colour", world.COLOURS),
-                                        ("pattern", world.PATTERNS))):
-        classes = [concept_texts(v, toy=True) for v in values]
+    for k, attr in enumerate(world.ATTRIBUTES):
+        classes = [toy.concept_texts(v) for v in w.values(attr)]
         pred = scorer.zero_shot(images, classes)
         out[attr] = float((pred == np.asarray(labels)[:, k]).mean())
     return out

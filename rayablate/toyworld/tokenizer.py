@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .world import vocabulary_words
+from .world import V1, WorldDef
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -72,7 +72,7 @@ def write_reduced_vocabulary(out_dir: str | os.PathLike, words: list[str] | None
     ranks = {m: i for i, m in enumerate(merges)}
     byte_encoder = _bytes_to_unicode()
     fired: set[tuple[str, str]] = set()
-    for w in words or vocabulary_words():
+    for w in words or V1.vocabulary_words():
         for piece in w.lower().replace(",", " , ").split():
             fired |= _fired_merges(piece, ranks, byte_encoder)
     return _write_vocabulary(out_dir, [m for m in merges if m in fired])  # keep the original rank order
@@ -95,9 +95,9 @@ def _write_vocabulary(out_dir: str | os.PathLike, merges: list[tuple[str, str]])
     return out
 
 
-def build_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 24):
-    """A transformers CLIPTokenizer over the reduced vocabulary, saved in `out_dir`."""
-    return _saved_tokenizer(write_reduced_vocabulary(out_dir), model_max_length)
+def build_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 24, world: WorldDef = V1):
+    """A transformers CLIPTokenizer over the reduced vocabulary of `world`'s words, saved in `out_dir`."""
+    return _saved_tokenizer(write_reduced_vocabulary(out_dir, world.vocabulary_words()), model_max_length)
 
 
 def build_full_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):

@@ -1,0 +1,113 @@
+"""Toy world v2: 20 characters over 4 shapes and 7 marks, 8 styles, descriptive paraphrases."""
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from rayablate.config import ConceptSpec
+from rayablate.toyworld import BUNDLE_DIRS, TOY_V2, toy_bundle_of
+from rayablate.toyworld.v2 import CHARACTERS, V2, description
+from rayablate.toyworld.vocab import ToyWorld
+from rayablate.toyworld.world import V1, Labels, by_name
+
+HAS_BUNDLE = (BUNDLE_DIRS["v2"] / "probe" / "probe.safetensors").exists()
+needs_bundle = pytest.mark.skipif(not HAS_BUNDLE, reason="world v2 bundle not built (python jobs/pretrain_toy.py --world v2)")
+
+
+def _img(lab: Labels, seed: int) -> np.ndarray:
+    return np.round(V2.render(lab, np.random.default_rng(seed)) * 255).astype(np.uint8)
+
+
+def test_world_has_32_named_concepts_and_entangled_neighbours():
+    assert len(V2.objects) + len(V2.patterns) >= 32 and len(V2.patterns) >= 8
+    marks = [m for _, m in CHARACTERS.values()]
+    shapes = [s for s, _ in CHARACTERS.values()]
+    # every mark is worn by at least two characters, every shape carries at least four
+    assert min(marks.count(m) for m in set(marks)) >= 2
+    assert min(shapes.count(s) for s in set(shapes)) >= 4
+    assert len(set(CHARACTERS.values())) == len(CHARACTERS)  # no two characters are the same drawing
+
+
+def test_v2_renders_are_deterministic_and_captions_name_their_labels():
+    a_img, a_cap, a_lab = V2.sample(40, seed=3)
+    b_img, b_cap, b_lab = V2.sample(40, seed=3)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and np.array_equal(a_lab, b_lab)
+    for cap, idx in zip(a_cap, a_lab):
+        lab = V2.labels_at(idx)
+        assert lab.colour in cap
+        assert any(w in cap for w in V2.object_words[lab.object]), cap
+        assert any(w in cap for w in V2.pattern_words[lab.pattern]), cap
+
+
+def test_a_characters_render_is_its_shape_plus_its_mark():
+    """The label says "blix": the image is the circle of the same draw with a hat added: pixels change
+    only where the mark is, and every mark changes at least a few pixels."""
+    for name, (shape, mark) in CHARACTERS.items():
+        char = _img(Labels(name, "blue", "plain"), 7)
+        plain = _img(Labels(shape, "blue", "plain"), 7)
+        changed = np.abs(char.astype(int) - plain.astype(int)).max(-1) > 30
+        assert 8 <= changed.sum() <= 200, (name, changed.sum())
+        # inside marks darken the shape; the others add pixels where the shape's canvas was background
+        outside = plain.min(-1) > 240
+        if mark in ("face", "patch"):
+            assert (changed & outside).sum() <= 2, name
+        else:
+            assert (changed & outside).sum() >= 6, name
+
+
+def test_descriptions_name_the_same_concept_and_stay_out_of_ablation_training():
+    toy = ToyWorld(world="v2")
+    for c in CHARACTERS:
+        assert toy.words(c, held_out=True) == [description(c)]
+        assert description(c) not in " ".join(toy.words(c))
+        # a prompt naming the character by its description asks for the same labels as its name
+        by_name_ = [lab for _, lab in V2.iter_prompts_naming(c, 6, 11)]
+        by_desc = [lab for _, lab in V2.iter_prompts_naming(c, 6, 11, words=[description(c)])]
+        assert by_name_ == by_desc and all(lab.object == c for lab in by_desc)
+    spec = ConceptSpec(kind="instance", target="blix", anchor="circle", neighbours=["zorb", "drub"])
+    pairs = toy.caption_pairs(spec, 64, 0)
+    assert not any("with a hat" in t or " hat" in a for t, a in pairs)
+    assert all("blix" in t and "blix" not in a and "circle" in a for t, a in pairs)
+    para = next(g for g in toy.eval_groups(spec, 8, 0) if g.name == "paraphrases")
+    assert all("circle with a hat" in p for p in para.prompts)
+    # pretraining captions do use the descriptions; the held-out-free sample does not
+    _, caps, _ = V2.sample(400, seed=5)
+    assert any(description(c) in cap for cap in caps for c in CHARACTERS)
+    _, caps, _ = V2.sample(400, seed=5, include_held_out=False)
+    assert not any(description(c) in cap for cap in caps for c in CHARACTERS)
+
+
+def test_worlds_pickle_by_name_and_toy_models_resolve():
+    assert pickle.loads(pickle.dumps(V2)) is V2 and by_name("v1") is V1
+    toy = pickle.loads(pickle.dumps(ToyWorld(world="v2")))
+    assert toy.w is V2 and toy.knows("snook") and not ToyWorld().knows("snook")
+    assert toy_bundle_of(TOY_V2) == ("v2", BUNDLE_DIRS["v2"]) and toy_bundle_of("")[0] == "v1"
+    assert toy_bundle_of("some/hub-id") is None
+    with pytest.raises(ValueError, match="toy:v3"):
+        toy_bundle_of("toy:v3")
+    with pytest.raises(KeyError, match="v3"):
+        by_name("v3")
+
+
+def test_a_v1_concept_means_the_same_in_v2():
+    """zorb and kubo keep their v1 drawing (a circle and a square with a face)."""
+    for c in ("zorb", "kubo"):
+        assert V2.instance_of[c] == V1.instance_of[c]
+    lab = dataclasses.replace(V2.random_labels(np.random.default_rng(0)), object="zorb")
+    assert V2.concept_predicate("zorb")(lab) and not V2.concept_predicate("circle")(lab)
+
+
+@needs_bundle
+def test_v2_probe_agrees_with_renderer_labels_and_rejects_noise():
+    from rayablate.toyworld.probe import ProbeJudge
+
+    judge = ProbeJudge(BUNDLE_DIRS["v2"] / "probe" / "probe.safetensors", world=V2)
+    images, _, labels = V2.sample(400, seed=424243)
+    probs = judge.probabilities(images)
+    for k, attr in enumerate(("object", "colour", "pattern")):
+        acc = (probs[attr].argmax(1).numpy() == labels[:, k]).mean()
+        assert acc >= 0.97, (attr, acc)
+    assert judge.valid_rate(images, probs) >= 0.97
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+    assert judge.valid_rate(noise) <= 0.05
