@@ -98,6 +98,23 @@ def test_a_v1_concept_means_the_same_in_v2():
     assert V2.concept_predicate("zorb")(lab) and not V2.concept_predicate("circle")(lab)
 
 
+def test_batch_v2_removes_16_concepts_with_entangled_neighbours_left_in():
+    from pathlib import Path
+
+    from rayablate.batch.spec import load_batch
+
+    batch = load_batch(Path(__file__).resolve().parents[1] / "configs" / "batch_v2.yaml")
+    targets = [c.cfg.concept.target for c in batch.concepts]
+    assert len(targets) >= 16 and {c.cfg.model for c in batch.concepts} == {TOY_V2}
+    assert {c.cfg.concept.kind for c in batch.concepts} == {"style", "instance"}
+    for c in batch.concepts:
+        assert c.cfg.concept.neighbours and not set(c.cfg.concept.neighbours) & set(targets), c.name
+        if c.cfg.concept.kind == "instance":  # a kept neighbour shares its shape or its mark
+            shape, mark = CHARACTERS[c.name]
+            assert any(CHARACTERS.get(n, ("", ""))[0] == shape or CHARACTERS.get(n, ("", ""))[1] == mark
+                       for n in c.cfg.concept.neighbours), c.name
+
+
 @needs_bundle
 def test_v2_probe_agrees_with_renderer_labels_and_rejects_noise():
     from rayablate.toyworld.probe import ProbeJudge
