@@ -5,7 +5,8 @@
 
 1. Attribute probe accuracy per attribute on fresh held-out renders (bar: >= 98 %).
 2. Tiny CLIP zero-shot accuracy per attribute on the same renders (bar: >= 90 %).
-3. Tiny SD: for each concept of the default ablations (v2: every named concept), the share of n generations that show it
+3. Tiny SD: for each concept of the default ablations (v2: every named concept, and the share when
+   prompts use its held-out description instead of its name), the share of n generations that show it
    when the prompt names it (bar: >= 90 %) and when it does not (bar: <= 10 %), by the probe.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> int:
     print(f"| valid-render head on renders | {100 * acc['valid']:.1f} % | |\n")
     concepts = args.concepts.split(",") if args.concepts else DEFAULT_CONCEPTS if args.world == "v1" else w.concepts()
     rows = quality_table(load_pipeline(paths["sd"]), judge, concepts=concepts, n=args.n, steps=args.steps,
-                         guidance=args.guidance, grid=args.grid,
+                         guidance=args.guidance, grid=args.grid, held_out=args.world == "v2",
                          progress=lambda i, c: print(f"  ({i + 1}/{len(concepts)}) {c}", file=sys.stderr, flush=True))
     print(format_table(rows))
     print(f"\n({args.n} generations per cell, {args.steps} DDIM steps, guidance {args.guidance}; {time.time() - t:.0f}s)")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         concepts = w.concepts() if v2 else DEFAULT_CONCEPTS
         rows = quality_table(load_pipeline(paths["sd"]), ProbeJudge(paths["probe"], world=w), concepts=concepts,
                              progress=lambda i, c: print(f"quality {i + 1}/{len(concepts)}: {c}", flush=True),
-                             grid=str(Path(args.work_dir, "quality_grid.png")))
+                             grid=str(Path(args.work_dir, "quality_grid.png")), held_out=v2)
         print(format_table(rows))
         Path(args.work_dir, "quality.json").write_text(json.dumps(rows, indent=1))
         print(f"quality table: {Path(args.work_dir, 'quality.json')}; samples per concept: "

@@ -128,3 +128,47 @@ def test_v2_probe_agrees_with_renderer_labels_and_rejects_noise():
     assert judge.valid_rate(images, probs) >= 0.97
     noise = np.random.default_rng(0).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
     assert judge.valid_rate(noise) <= 0.05
+
+
+@needs_bundle
+def test_both_bundles_are_safetensors_only_and_within_48_mb():
+    files = [p for d in BUNDLE_DIRS.values() for p in d.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert sum(p.stat().st_size for p in files) <= 48 * 1024 * 1024
+
+
+@needs_bundle
+def test_toy_v2_model_resolves_to_its_own_bundle_clip_and_probe():
+    from rayablate.config import AblationConfig
+    from rayablate.job import resolve_models
+
+    spec = ConceptSpec(kind="instance", target="blix", anchor="circle", neighbours=["lorx"])
+    m = resolve_models(AblationConfig(concept=spec, model=TOY_V2))
+    root = BUNDLE_DIRS["v2"]
+    assert m.model_path == str(root / "sd") and m.clip == str(root / "clip")
+    assert m.world.w is V2 and m.world.judge().world is V2
+    groups = {g.name: g for g in m.world.eval_groups(spec, 4, 0)}
+    assert set(groups) == {"target", "anchor", "neighbours.lorx", "paraphrases"}
+
+
+@needs_bundle
+@pytest.mark.slow
+def test_v2_quality_bar_holds_on_a_small_sample():
+    """The tiny SD draws characters, their descriptions and styles when named, and not otherwise."""
+    from rayablate.pipeline import load_pipeline
+    from rayablate.toyworld.probe import ProbeJudge
+    from rayablate.toyworld.quality import quality_table
+
+    root = BUNDLE_DIRS["v2"]
+    pipe = load_pipeline(root / "sd")
+    judge = ProbeJudge(root / "probe" / "probe.safetensors", world=V2)
+    rows = quality_table(pipe, judge, concepts=("blix", "lorx", "tafi", "slanted", "wavy"), n=24, steps=25)
+    for r in rows:
+        # a small sample: a little slack against the 90 % / 10 % bar measured on 64
+        assert r["rate_when_named"] >= 0.8, r
+        assert r["rate_when_not_named"] <= 0.2, r
+    # the description draws the character as its name does
+    from rayablate.toyworld.quality import generate
+
+    prompts = [p for p, _ in V2.iter_prompts_naming("blix", 24, 5, words=[description("blix")])]
+    assert judge.concept_rate(generate(pipe, prompts, 5), "blix") >= 0.75

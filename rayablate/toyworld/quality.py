@@ -24,10 +24,14 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 25, guidance: flo
 
 
 def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 64, steps: int = 25,
-                  guidance: float = 4.0, seed: int = 1234, progress=None, grid: str | None = None) -> list[dict]:
+                  guidance: float = 4.0, seed: int = 1234, progress=None, grid: str | None = None,
+                  held_out: bool = False) -> list[dict]:
     """Per concept: the rate at which it shows in images of prompts naming it and not naming it
-    (in the judge's world). `progress(i, concept)` is called before each concept. `grid`: a PNG path
-    for the first 8 images of prompts naming each concept, one row per concept."""
+    (in the judge's world); with `held_out`, also when prompts use its held-out word instead (v2: its
+    description, "circle with a hat"). `progress(i, concept)` is called before each concept. `grid`:
+    a PNG path for the first 8 images of prompts naming each concept, one row per concept."""
+    from . import world as worlds
+
     w = judge.world
     rows, shown = [], []
     for k, concept in enumerate(concepts):
@@ -44,6 +48,12 @@ def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 6
             "rate_when_not_named": judge.concept_rate(imgs_o, concept),
             "valid_rate": judge.valid_rate(np.concatenate([imgs_n, imgs_o])),
         })
+        words = worlds.held_out_words(w.table(w.attribute_of(concept)))[concept] if held_out else []
+        if words:
+            described = [p for p, _ in w.iter_prompts_naming(concept, n, seed + 10 * k + 7, words=words)]
+            rows[-1]["held_out_word"] = words[0]
+            rows[-1]["rate_when_held_out_word"] = judge.concept_rate(generate(pipe, described, seed + 2, steps,
+                                                                              guidance), concept)
     if grid and shown:
         from ..images import save_grid
 
@@ -52,12 +62,17 @@ def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 6
 
 
 def format_table(rows: list[dict], bar_named: float = 0.9, bar_other: float = 0.1) -> str:
-    lines = ["| concept | shown when named (>= 90 %) | shown when not named (<= 10 %) | valid renders | pass |",
-             "|---|---|---|---|---|"]
+    held = any("held_out_word" in r for r in rows)
+    extra = " shown when called by its held-out word |" if held else ""
+    lines = [f"| concept | shown when named (>= 90 %) | shown when not named (<= 10 %) |{extra} valid renders | pass |",
+             "|---|---|---|---|---|" + ("---|" if held else "")]
     for r in rows:
         ok = r["rate_when_named"] >= bar_named and r["rate_when_not_named"] <= bar_other
+        h = ""
+        if held:
+            h = f" {100 * r['rate_when_held_out_word']:.1f} % (\"{r['held_out_word']}\") |" if "held_out_word" in r else " - |"
         lines.append(f"| {r['concept']} | {100 * r['rate_when_named']:.1f} % | {100 * r['rate_when_not_named']:.1f} % "
-                     f"| {100 * r['valid_rate']:.1f} % | {'yes' if ok else 'NO'} |")
+                     f"|{h} {100 * r['valid_rate']:.1f} % | {'yes' if ok else 'NO'} |")
     return "\n".join(lines)
 
 
