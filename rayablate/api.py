@@ -144,7 +144,7 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
     bar.close()
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold, guard=world.mask_guard(cfg.concept),
-                      replicas=replica_filter(cfg.concept))(columns)
+                      replicas=replica_filter(cfg.concept), protect=world.mask_protect(cfg.concept))(columns)
 
 
 def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,

@@ -31,12 +31,15 @@ class ClipMasker:
     `concept_texts` is one list of texts (their mean embedding is the concept) or several lists (a
     category: a row scores its similarity to the closest one). `guard`: word groups a caption must
     name one word of each (`PromptWorld.mask_guard`); other rows score -1, so no threshold masks them in.
+    `protect`: (neighbour words, target words) (`PromptWorld.mask_protect`): a row naming a neighbour
+    and not the target scores -1 too.
     `replicas`: (reference image, uint8 HxWx3; SSIM threshold) of a memorized image (kind memorized,
     `memorized.replica_filter`): rows whose image replicates it are dropped (`memorized.drop_replicas`).
     """
 
     def __init__(self, clip_name: str, concept_texts: list, threshold: float, image_weight: float = 0.0,
-                 guard: list[list[str]] | None = None, replicas: tuple[np.ndarray, float] | None = None):
+                 guard: list[list[str]] | None = None, replicas: tuple[np.ndarray, float] | None = None,
+                 protect: tuple[list[str], list[str]] | None = None):
         import torch
 
         from .clip import ClipScorer
@@ -47,11 +50,18 @@ class ClipMasker:
         self.groups, self.threshold, self.image_weight = [list(g) for g in groups if g], threshold, image_weight
         self.guard = [[w.lower() for w in g] for g in guard or []]
         self.replicas = replicas
+        self.protect = protect
 
     def _names_all(self, caption: str) -> bool:
         from .prompts import names_word
 
         return all(any(names_word(caption, w) for w in g) for g in self.guard)
+
+    def _protected(self, caption: str) -> bool:
+        from .prompts import names_word
+
+        neighbours, target = self.protect
+        return any(names_word(caption, w) for w in neighbours) and not any(names_word(caption, w) for w in target)
 
     def __call__(self, batch: dict) -> dict:
         if self.replicas is not None:
@@ -65,6 +75,8 @@ class ClipMasker:
         sim = np.max([self.scorer.row_similarity(caps, g, imgs, self.image_weight) for g in self.groups], axis=0)
         if self.guard:
             sim = np.where([self._names_all(c) for c in caps], sim, -1.0)
+        if self.protect:
+            sim = np.where([self._protected(c) for c in caps], -1.0, sim)
         batch["clip_sim"] = sim.astype(np.float32)
         return apply_threshold(batch, self.threshold)
 
@@ -254,7 +266,8 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
         clip_name=clip_name, concept_texts=world.mask_texts(cfg.concept), threshold=cfg.clip_threshold,
-        image_weight=image_weight, guard=world.mask_guard(cfg.concept), replicas=replica_filter(cfg.concept)),
+        image_weight=image_weight, guard=world.mask_guard(cfg.concept), replicas=replica_filter(cfg.concept),
+        protect=world.mask_protect(cfg.concept)),
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)

@@ -51,6 +51,19 @@ class PromptWorld:
                                                                             else [])
         return [self.concept_texts(spec.target) + list(spec.synonyms)]
 
+    def mask_protect(self, spec) -> tuple[list[str], list[str]] | None:
+        """(words naming the concept's declared neighbours, words naming its target): the CLIP mask
+        never makes a row that names a neighbour and not the target an ablation row. A CLIP that
+        places entangled concepts close (world v2's blix and drub, both with a hat) otherwise scores
+        "a dotted drub" above the threshold and anchorizes it to "a dotted circle", and the
+        neighbour the preservation rows were meant to keep is trained away."""
+        words = [w for nb in spec.neighbours for w in self.neighbour_words(nb)]
+        return (words, self.concept_words(spec)) if words else None
+
+    def neighbour_words(self, neighbour: str) -> list[str]:
+        """The words that name a neighbour in a caption."""
+        return [neighbour] if neighbour.strip() else []
+
     def mask_guard(self, spec) -> list[list[str]] | None:
         """Word groups a caption must name one word of each, or the CLIP mask leaves the row out
         (a composition's parts: "a striped circle" is not about "striped zorb"); None: no guard.

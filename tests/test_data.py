@@ -113,10 +113,16 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
                               user_data=str(user))
     rows = pq.read_table(str(out)).to_pylist()
     assert len(rows) == 8 + 4 + 1  # ablation candidates, preservation candidates (num_preservation_images), user rows
-    assert data_summary(out)["ablation_rows"] == 13  # threshold -1: every row is masked in
+    # threshold -1: every row is masked in, but for preservation rows that name a declared neighbour
+    # (dotted, checkered) and not the target: the mask never takes those (PromptWorld.mask_protect)
+    protected = [r for r in rows if any(w in r["target_caption"] for w in ("dotted", "checkered", "with dots",
+                                                                          "with checks", "spotty", "chequered"))
+                 and "stripe" not in r["target_caption"]]
+    assert protected and all(r["mask"] == 0 and r["clip_sim"] == -1.0 for r in protected)
+    assert data_summary(out)["ablation_rows"] == 13 - len(protected)
     assert {"image", "target_caption", "anchor_caption", "mask", "seed", "source", "clip_sim"} <= set(rows[0])
     # masked in, every row takes its anchorized caption; rows that name the target change
-    assert all(r["anchor_caption"] == r["anchor_if_ablated"] for r in rows)
+    assert all(r["anchor_caption"] == r["anchor_if_ablated"] for r in rows if r not in protected)
     assert all(r["anchor_caption"] != r["target_caption"] for r in rows if "stripe" in r["target_caption"])
     assert sum("stripe" in r["target_caption"] for r in rows) >= 9
     assert not (tmp_path / "data.tmp").exists()
@@ -147,7 +153,8 @@ def _local_shards_split_the_canonical_rows(out, out1):
     whole = src.rank_rows(0, 1)
     assert list(whole["seed"][0::2]) == seeds[0] and list(whole["seed"][1::2]) == seeds[1]
     assert isinstance(whole["image"][0], bytes) and set(whole) >= {"image", "target_caption", "mask"}
-    assert int(whole["mask"].sum()) == len(whole["mask"])  # as written: threshold -1
+    written = pq.read_table(str(out)).column("mask").to_pylist()
+    assert int(whole["mask"].sum()) == sum(written)  # as written: threshold -1
     remasked = LocalShards(str(out), clip_threshold=1.0).rank_rows(0, 1)
     assert int(remasked["mask"].sum()) == 0
     assert list(remasked["anchor_caption"]) == list(remasked["target_caption"])

@@ -172,3 +172,23 @@ def test_v2_quality_bar_holds_on_a_small_sample():
 
     prompts = [p for p, _ in V2.iter_prompts_naming("blix", 24, 5, words=[description("blix")])]
     assert judge.concept_rate(generate(pipe, prompts, 5), "blix") >= 0.75
+
+
+@needs_bundle
+def test_the_clip_mask_never_takes_a_row_that_names_a_neighbour():
+    """The v2 CLIP puts drub (square + hat) near blix (circle + hat): at threshold 0.25 "a dotted drub"
+    scored as blix and was trained into a circle. A row naming a declared neighbour and not the
+    target is never masked in, at any threshold; rows naming the target, by name or description, are."""
+    from rayablate.data import ClipMasker
+
+    toy = ToyWorld(world="v2")
+    spec = ConceptSpec(kind="instance", target="blix", anchor="circle", neighbours=["drub", "lorx"])
+    masker = ClipMasker(str(BUNDLE_DIRS["v2"] / "clip"), toy.mask_texts(spec), -1.0, guard=toy.mask_guard(spec),
+                        protect=toy.mask_protect(spec))
+    caps = ["a dotted green drub", "a yellow lorx, dotted", "a red blix", "a red circle with a hat",
+            "a drub and a blix", "a green quen"]
+    n = len(caps)
+    out = masker({"target_caption": np.array(caps, dtype=object), "anchor_caption": np.array(caps, dtype=object),
+                  "anchor_if_ablated": np.array(caps, dtype=object), "image": np.array([b""] * n, dtype=object)})
+    assert list(out["mask"]) == [0, 0, 1, 1, 1, 1]
+    assert list(out["clip_sim"][:2]) == [-1.0, -1.0]

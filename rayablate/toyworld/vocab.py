@@ -168,6 +168,11 @@ class ToyWorld(PromptWorld):
                 words += self.words(v) + self.words(v, held_out=True)
         return [w for w in words if w.strip()]
 
+    def neighbour_words(self, neighbour: str) -> list[str]:
+        if not self.knows(neighbour) or len(self.w.concept_parts(neighbour)[1]) != 1:
+            return super().neighbour_words(neighbour)
+        return self.words(neighbour) + self.words(neighbour, held_out=True)
+
     def mask_guard(self, spec) -> list[list[str]] | None:
         target = P.target_concept(spec)
         if P.has_own_prompts(spec) or not self.knows(target):
