@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .world import IMAGE_SIZE, V1, WorldDef
+from .world import ATTRIBUTES, IMAGE_SIZE, V1, WorldDef
 
 TEXT_WIDTH = 64
 # 32x32x3 images become 8x8x8 latents: 8 channels, since 4 blurred the 4-pixel patterns.
@@ -22,7 +22,7 @@ class AttributeProbe(nn.Module):
 
     def __init__(self, width: int = 32, world: WorldDef = V1):
         super().__init__()
-        self.heads = {a: len(world.values(a)) for a in ("object", "colour", "pattern")} | {"valid": 2}
+        self.heads = {a: len(world.values(a)) for a in ATTRIBUTES} | {"valid": 2}
         w = width
         self.features = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.GELU(),

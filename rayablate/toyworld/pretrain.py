@@ -541,9 +541,9 @@ def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     made_for = work / "world.json"
-    if made_for.exists() and json.loads(made_for.read_text())["world"] != w.name:
-        raise ValueError(f"{work} holds stages of world {json.loads(made_for.read_text())['world']}, not {w.name}: "
-                         f"give another --work-dir")
+    earlier = json.loads(made_for.read_text())["world"] if made_for.exists() else w.name
+    if earlier != w.name:
+        raise ValueError(f"{work} holds stages of world {earlier}, not {w.name}: give another --work-dir")
     made_for.write_text(json.dumps({"world": w.name}))
     warm = Path(warm_start) if warm_start else None
     torch.manual_seed(seed)

@@ -30,9 +30,10 @@ def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 6
     (in the judge's world); with `held_out`, also when prompts use its held-out word instead (v2: its
     description, "circle with a hat"). `progress(i, concept)` is called before each concept. `grid`:
     a PNG path for the first 8 images of prompts naming each concept, one row per concept."""
-    from . import world as worlds
+    from .vocab import ToyWorld
 
     w = judge.world
+    toy = ToyWorld(world=w.name)
     rows, shown = [], []
     for k, concept in enumerate(concepts):
         if progress:
@@ -48,7 +49,7 @@ def quality_table(pipe, judge: ProbeJudge, concepts=DEFAULT_CONCEPTS, n: int = 6
             "rate_when_not_named": judge.concept_rate(imgs_o, concept),
             "valid_rate": judge.valid_rate(np.concatenate([imgs_n, imgs_o])),
         })
-        words = worlds.held_out_words(w.table(w.attribute_of(concept)))[concept] if held_out else []
+        words = toy.words(concept, held_out=True) if held_out else []
         if words:
             described = [p for p, _ in w.iter_prompts_naming(concept, n, seed + 10 * k + 7, words=words)]
             rows[-1]["held_out_word"] = words[0]
