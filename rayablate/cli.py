@@ -366,9 +366,12 @@ def _tune(argv) -> int:
                                 scheduler=args.scheduler, final=not args.no_final, attack_steps=args.attack_steps)
         out = args.output_dir or os.path.join("outputs", "tune-" + concept_name(cfg.concept))
         tune_ablation(cfg, space, settings, out, user_data=args.user_data)
-        print(f"results in {out}: trials.csv, best_config.yaml, objective_vs_params.png, tune_report.md")
+        from .console import is_verbose, say
 
-    return guarded(run)
+        say(f"results in {out}: trials.csv, best_config.yaml, objective_vs_params.png, tune_report.md"
+            + ("" if is_verbose() else ", logs/ (everything the console did not show)"))
+
+    return guarded(run, args.verbose)
 
 
 def _pretrain_toy(argv) -> int:

@@ -99,32 +99,56 @@ def test_objective_multiplies_ablation_and_preservation_and_subtracts_kid():
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
-    """One 2-trial search on the tiny pipeline: lr_matcher on a grid whose second value diverges."""
+    """One 2-trial search on the tiny pipeline through the CLI, as a user runs it (quiet console, Ray
+    started by the job): lr_matcher on a grid whose second value diverges. Yields (out, summary, console)."""
+    import contextlib
+    import io
+    import json
+
     import ray
+    import yaml
 
-    from rayablate.tune import tune_ablation
+    from rayablate.cli import main
 
-    ray.init(num_cpus=2, object_store_memory=250 * 1024 ** 2, include_dashboard=True)
+    base = tmp_path_factory.mktemp("tune")
+    cfg = {"model": str(tiny_sd_path), "clip": str(tiny_clip_path),
+           "concept": {"target": "striped", "anchor": "plain", "templates": ["a {} square", "a {} circle"],
+                       "neighbours": ["dotted"]},
+           "steps": 4, "batch_size": 4, "num_anchor_images": 8, "eval_images": 4, "eval_steps": 2, "anchor_steps": 2,
+           "report_every": 2, "checkpoint_every": 2}
+    (base / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = base / "out"
+    console = io.StringIO()
     try:
-        cfg = load_config(None, {"model": str(tiny_sd_path), "clip": str(tiny_clip_path),
-                                 "concept.target": "striped", "concept.anchor": "plain",
-                                 "concept.templates": ["a {} square", "a {} circle"],
-                                 "concept.neighbours": ["dotted"], "steps": 4, "batch_size": 4,
-                                 "num_anchor_images": 8, "eval_images": 4, "eval_steps": 2, "anchor_steps": 2,
-                                 "report_every": 2, "checkpoint_every": 2})
-        space = load_space(cfg, None, ["lr_matcher=grid:1e-3,1e30", "w_adv=0.0"], ["lr_matcher", "w_adv"])
-        out = tmp_path_factory.mktemp("tune") / "out"
         # a 3-step attack on every trial: the attacked rate's path through the trials and the report
-        summary = tune_ablation(cfg, space, TuneSettings(num_samples=1, trial_eval_images=4, rungs=[2, 4],
-                                                         attack_steps=3), out)
-        yield out, summary
+        with contextlib.redirect_stdout(console):
+            rc = main(["tune", "--config", str(base / "c.yaml"), "--num-samples", "1", "--trial-eval-images", "4",
+                       "--rungs", "2,4", "--attack-steps", "3", "--param", "lr_matcher=grid:1e-3,1e30",
+                       "--param", "w_adv=0.0", "--search", "lr_matcher", "w_adv", "--output-dir", str(out)])
+        assert rc == 0, console.getvalue()[-3000:]
+        yield out, json.loads((out / "tune_summary.json").read_text()), console.getvalue()
     finally:
         ray.shutdown()
 
 
 @pytest.mark.slow
+def test_the_search_console_is_a_line_per_stage_and_trial_report(search):
+    out, summary, console = search
+    lines = [x for x in console.splitlines() if x.strip()]
+    assert len(lines) <= 30, console
+    reports = [x for x in lines if x.startswith("[tune]     trial ")]
+    assert reports and len(reports) == len(set(reports)), console  # each report once, from the driver
+    assert any("lr_matcher=0.001" in x and "at 4 steps: objective" in x for x in reports), console
+    assert any("lr_matcher=1e+30" in x and "failed" in x for x in reports), console  # the diverging trial
+    assert not any(k in x for x in lines for k in ("TrainingReport", "Trial status", "Configuration for experiment",
+                                                   "RayTrainWorker", "logging_progress", "Warning")), console
+    assert "[tune] 4/4 default vs best" in console and "logs/" in lines[-1]
+    assert "[tune] 3/4 search" in (out / "logs" / "job.log").read_text()  # the console's lines, kept
+
+
+@pytest.mark.slow
 def test_a_failing_trial_does_not_stop_the_others(search):
-    out, summary = search
+    out, summary, _ = search
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 2
     by_lr = {float(r["lr_matcher"]): r for r in rows}
@@ -140,7 +164,7 @@ def test_a_failing_trial_does_not_stop_the_others(search):
 
 @pytest.mark.slow
 def test_search_writes_a_best_config_that_loads(search):
-    out, summary = search
+    out, summary, _ = search
     cfg = load_config(out / "best_config.yaml")
     assert cfg.lr_matcher == 1e-3 and cfg.w_adv == 0.0 and cfg.steps == 4
     assert (out / "objective_vs_params.png").stat().st_size > 1000

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ..console import say
 from ..config import AblationConfig, ConfigError, config_from_dict, save_config, to_dict
 from ..files import write_json, write_text
 from .objective import objective_parts
@@ -165,34 +166,36 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                   user_data: str | None = None) -> dict:
     """Search `space` around `cfg`; write trials.csv, best_config.yaml, objective_vs_params.png,
     tune_report.md and tune_summary.json into `output_dir`. Returns the summary."""
-    from ..job import init_ray
     from ..config import concept_name
+    from ..console import log_to
+    from ..job import init_ray
 
     t0 = time.time()
     out, models, resolution = _prepare(cfg, space, settings, output_dir, user_data)
+    log_to(out)  # quiet mode: library output and every console line also into out/logs/job.log
     init_ray()
     k, cpus_per_worker = _resources(cfg, settings)
     rungs = settings.rung_steps(cfg)
-    print(f"[tune] {settings.num_samples} trials of {concept_name(cfg.concept)!r}, {k} at a time, "
+    say(f"[tune] {settings.num_samples} trials of {concept_name(cfg.concept)!r}, {k} at a time, "
           f"{settings.trial_workers} worker(s) x {cpus_per_worker} CPU each, rungs {rungs} steps, "
-          f"scheduler {settings.scheduler}", flush=True)
+          f"scheduler {settings.scheduler}")
     ctx = _shared_inputs(cfg, models, out, settings, user_data, resolution)
     ctx.update(rungs=rungs, cpus_per_worker=cpus_per_worker)
     attack = ctx.get("attack")
     default_point = {n: getattr(cfg, n) for n, p in space.items() if p.dist not in ("grid", "fixed")}
     tuner = _tuner(space, settings, ctx, k, default_point)
-    print("[tune] 3/4 search", flush=True)
+    say("[tune] 3/4 search")
     # Ctrl-C stops the whole job (exit 130; re-run to resume the finished trials' checkpoints), not
     # only the search: Tune's own SIGINT handler would end the search and let the job go on.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    trials = _collect(tuner.fit(), space, rungs, bool(default_point))
+    trials = _collect(_fit(tuner), space, rungs, bool(default_point))
     write_trials_csv(out / "trials.csv", trials, space)
     best, default = _pick(trials, rungs)
     best_cfg = apply_params(cfg, best["params"])
     save_config(best_cfg, out / "best_config.yaml")
     plot_objective(trials, space, out / "objective_vs_params.png")
-    print(f"[tune]     best trial {best['trial_id']}: objective {best['objective']:.3f} "
-          f"({fmt_params(best['params'])})", flush=True)
+    say(f"[tune]     best trial {best['trial_id']}: objective {best['objective']:.3f} "
+          f"({fmt_params(best['params'])})")
     summary = {"concept": concept_name(cfg.concept), "rungs": rungs, "num_trials": len(trials),
                "failed_trials": sum(t["status"] != "ok" for t in trials), "concurrent_trials": k,
                "cpus_per_worker": cpus_per_worker, "kid_weight": settings.kid_weight,
@@ -204,7 +207,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
     summary["wall_seconds"] = time.time() - t0
     write_json(out / "tune_summary.json", summary)
     write_text(out / "tune_report.md", report_markdown(summary, trials, space))
-    print(console_table(summary), flush=True)
+    say(console_table(summary))
     return summary
 
 
@@ -227,10 +230,10 @@ def _shared_inputs(cfg: AblationConfig, models, out: Path, settings: TuneSetting
     from ..data import build_training_data
     from ..evaluation import generate_before_after
 
-    print("[tune] 1/4 training data (built once; each trial re-masks it at its own CLIP threshold)", flush=True)
+    say("[tune] 1/4 training data (built once; each trial re-masks it at its own CLIP threshold)")
     data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
                                    resolution=resolution)
-    print("[tune] 2/4 base-model images for the trials' evaluation (generated once)", flush=True)
+    say("[tune] 2/4 base-model images for the trials' evaluation (generated once)")
     groups = models.world.eval_groups(cfg.concept, settings.trial_eval_images, cfg.eval_seed)
     before = {name: imgs["before"] for name, imgs in
               generate_before_after(groups, models.model_path, None, cfg, cfg.eval_seed).items()}
@@ -251,13 +254,13 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
 
     device, scorer = _attack_device_and_scorer(cfg, models)
     plan = _attack_plan(cfg, steps, settings.trial_eval_images)
-    print(f"[tune]     the trials' attack ({plan.inversions[0].label()}) on the base model", flush=True)
+    say(f"[tune]     the trials' attack ({plan.inversions[0].label()}) on the base model")
     base = load_pipeline(models.model_path, device=device)
     refs = reference_set(plan, base, cfg.concept, models.world, device)
     cache: dict = {}
     group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs)
     a = group["attacks"][0]
-    print(f"[tune]     base model under the attack: concept in {a['concept_rate']:.0%} of images", flush=True)
+    say(f"[tune]     base model under the attack: concept in {a['concept_rate']:.0%} of images")
     return {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
             "label": a["label"], "base_rate": a["base_rate"], "attack_ok": a["attack_ok"]}
 
@@ -266,6 +269,8 @@ def _tuner(space: dict[str, Param], settings: TuneSettings, ctx: dict, k: int, d
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from ..console import is_verbose
 
     rungs = ctx["rungs"]
     # The concurrency limit goes to the generator itself: Tune applies max_concurrent_trials only to
@@ -281,9 +286,55 @@ def _tuner(space: dict[str, Param], settings: TuneSettings, ctx: dict, k: int, d
         param_space={n: p.tune_domain() for n, p in space.items()},
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=settings.num_samples,
                                     max_concurrent_trials=k, scheduler=scheduler, search_alg=searcher),
-        run_config=tune.RunConfig(name="search", storage_path=str(Path(ctx["out"]) / "tune"), verbose=1,
+        # quiet (the default): one line per trial report from TrialLines instead of Tune's tables
+        run_config=tune.RunConfig(name="search", storage_path=str(Path(ctx["out"]) / "tune"),
+                                  verbose=1 if is_verbose() else 0,
+                                  callbacks=[] if is_verbose() else [trial_lines(list(space))],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
+
+
+def _fit(tuner):
+    """tuner.fit(); quiet, Tune's own console output is off. Its new output engine prints the
+    experiment's box and paths even at verbose=0, so the quiet mode selects the classic one (which
+    prints nothing at verbose=0) for the fit only; TrialLines says what happens instead."""
+    from ..console import is_verbose
+
+    if is_verbose():
+        return tuner.fit()
+    key, old = "RAY_AIR_NEW_OUTPUT", os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ[key] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def trial_lines(names: list[str]):
+    """A Tune callback (in the driver): one console line per trial report, error and early stop."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def _label(self, trial) -> str:
+            params = {n: trial.config[n] for n in names if n in trial.config}
+            return f"trial {trial.trial_id} ({fmt_params(params)})"
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "objective" not in result:
+                return
+            attacked = f", attacked {result['attacked_rate']:.2f}" if result.get("attacked_rate") is not None else ""
+            say(f"[tune]     {self._label(trial)} at {result.get('steps')} steps: objective {result['objective']:.3f} "
+                f"(ablation {result.get('ablation', float('nan')):.3f}, preservation "
+                f"{result.get('preservation', float('nan')):.3f}{attacked})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = str(getattr(trial, "error_msg", "") or "").strip().splitlines()
+            say(f"[tune]     {self._label(trial)} failed{': ' + err[-1][:160] if err else ''}")
+
+    return TrialLines()
 
 
 def _pick(trials: list[dict], rungs: list[int]) -> tuple[dict, dict | None]:
@@ -297,8 +348,8 @@ def _pick(trials: list[dict], rungs: list[int]) -> tuple[dict, dict | None]:
 
 def _final_comparison(cfg: AblationConfig, best_cfg: AblationConfig, best: dict, default: dict | None, ctx: dict,
                       out: Path, settings: TuneSettings) -> dict:
-    print(f"[tune] 4/4 default vs best, trained to {ctx['rungs'][-1]} steps, evaluated on held-out seed "
-          f"{settings.heldout(cfg)}", flush=True)
+    say(f"[tune] 4/4 default vs best, trained to {ctx['rungs'][-1]} steps, evaluated on held-out seed "
+          f"{settings.heldout(cfg)}")
     final = {}
     for label, c, trial in [("default", cfg, default), ("best", best_cfg, best)]:
         if trial is None or trial["status"] != "ok":
@@ -308,7 +359,7 @@ def _final_comparison(cfg: AblationConfig, best_cfg: AblationConfig, best: dict,
                 and "objective" in final.get("default", {}):
             # the default won: the same trial, trained and evaluated once
             final["best"] = dict(final["default"], same_as_default=True)
-            print("[tune]     best: the default config itself (evaluated above)", flush=True)
+            say("[tune]     best: the default config itself (evaluated above)")
             continue
         final[label] = _final_eval(label, c, trial, ctx, out, settings)
     return {"heldout_seed": settings.heldout(cfg), "final": final}
@@ -331,8 +382,8 @@ def _final_eval(label: str, cfg: AblationConfig, trial: dict, ctx: dict, out: Pa
                       run_name="train", cpus_per_worker=ctx["cpus_per_worker"], log=_quiet)
     parts = objective_parts(run["metrics"], settings.kid_weight, _attacked_rate(c, run, ctx))
     attacked = "" if "attacked_rate" not in parts else f", attacked {parts['attacked_rate']:.3f}"
-    print(f"[tune]     {label}: objective {parts['objective']:.3f} (ablation {parts['ablation']:.3f}, "
-          f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f}{attacked})", flush=True)
+    say(f"[tune]     {label}: objective {parts['objective']:.3f} (ablation {parts['ablation']:.3f}, "
+          f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f}{attacked})")
     return {"trial_id": trial["trial_id"], "params": trial["params"], "delta": run["train"]["delta_path"],
             "report": str(dest / "report.md"), **parts}
 
