@@ -110,6 +110,13 @@ def _world(concept: ConceptSpec, world):
     return world_for_spec(toy if ours else PromptWorld(), concept)
 
 
+def _auto_neighbours(cfg: AblationConfig, world, pipe) -> AblationConfig:
+    """`concept.auto_neighbours` resolved with `pipe`'s own text encoders (rayablate/neighbours.py)."""
+    from .neighbours import TextSide, with_auto_neighbours
+
+    return with_auto_neighbours(cfg, world, TextSide.of_pipe(pipe))[0] if cfg.concept.auto_neighbours else cfg
+
+
 def _clip(clip: str | None, cfg: AblationConfig, world=None) -> str:
     """The CLIP to use: given, the config's, else the toy bundle's (of the world's toy world)."""
     if clip or cfg.clip:
@@ -163,6 +170,7 @@ def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: Abla
         overrides["steps"] = steps
     cfg = _config(concept, config, overrides)
     world = _world(cfg.concept, world)
+    cfg = _auto_neighbours(cfg, world, pipe)
     if cfg.method == "closed-form":  # the one-shot least-squares edit: no rows, no training
         from .closed_form import GROUP, closed_form_edit
         from .pipeline import architecture_fingerprint, delta_metadata
@@ -214,6 +222,7 @@ def evaluate(pipe_before, pipe_after, concept: ConceptSpec, *, world=None, clip:
 
     cfg = _config(concept, config, {})
     world = _world(cfg.concept, world)
+    cfg = _auto_neighbours(cfg, world, pipe_before)  # the same choice as `ablate` made: one group each
     seed = cfg.eval_seed if seed is None else seed
     steps, guidance = steps or cfg.eval_steps, guidance or cfg.guidance_scale
     groups = world.eval_groups(cfg.concept, num_images or cfg.eval_images, seed)

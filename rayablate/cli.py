@@ -27,6 +27,11 @@ OVERRIDES = {
                                   "memorized (--target is the caption, --reference-image the image)"),
     "members": ("concept.members", _word_list, "kind unsafe: the category's member words, comma-separated "
                                                "(e.g. 'zorb,kubo'); --target then names the category"),
+    "neighbours": ("concept.neighbours", _word_list, "concepts that must survive, comma-separated"),
+    "auto_neighbours": ("concept.auto_neighbours", int, "also keep the N concepts nearest the target in the model's "
+                                                        "text conditioning (from --candidates or a toy world's "
+                                                        "concepts; 0: off)"),
+    "candidates": ("concept.candidates", _word_list, "what --auto-neighbours chooses from, comma-separated"),
     "reference_image": ("concept.reference_image", str, "kind memorized: the memorized image (PNG/JPEG, the model's "
                                                         "resolution)"),
     "anchor_prompts": ("concept.anchor_prompts", _word_list, "kind memorized: paraphrases of the caption to draw "

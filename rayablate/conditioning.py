@@ -23,6 +23,14 @@ class PromptEncoder:
         sizes = (sample, sample) if isinstance(sample, int) else tuple(sample)
         self.pixel_size = tuple(s * scale for s in sizes)
 
+    @classmethod
+    def of_parts(cls, tokenizers: list, xl: bool, pixel_size: tuple[int, int] = (1024, 1024)) -> "PromptEncoder":
+        """An encoder from tokenizers alone, for a model whose UNet is not loaded (`pixel_size` only
+        sets SDXL's time ids, which `encode`'s hidden states do not depend on)."""
+        self = cls.__new__(cls)
+        self.tokenizers, self.xl, self.pixel_size = list(tokenizers), xl, pixel_size
+        return self
+
     def tokenize(self, captions: list[str], device) -> list[torch.Tensor]:
         return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]

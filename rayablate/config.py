@@ -77,6 +77,10 @@ class ConceptSpec:
     replica_threshold: float = 0.7
     # Concepts that must survive. The defaults are the toy world's default style ablation.
     neighbours: list[str] = dataclasses.field(default_factory=lambda: ["dotted", "checkered"])
+    # Also keep the k concepts nearest the target in the model's text conditioning (rayablate/neighbours.py):
+    # chosen from `candidates`, or a toy world's named concepts, and added to `neighbours` before the run.
+    auto_neighbours: int = 0
+    candidates: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -387,6 +391,11 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
             raise ConfigError(f"concept.prompts[{i}]", "is empty")
         if len(p) > MAX_PROMPT_CHARS:
             raise ConfigError(f"concept.prompts[{i}]", f"is {len(p)} characters long; at most {MAX_PROMPT_CHARS}")
+    if c.auto_neighbours < 0 or c.auto_neighbours > 64:
+        raise ConfigError("concept.auto_neighbours", f"expected an integer from 0 (off) to 64, got {c.auto_neighbours}")
+    for i, w in enumerate(c.candidates):
+        if not w.strip():
+            raise ConfigError(f"concept.candidates[{i}]", "is empty")
     for i, t in enumerate(c.templates):
         if "{}" not in t:
             raise ConfigError(f"concept.templates[{i}]", f"must contain '{{}}' where the concept goes: {t!r}")

@@ -142,15 +142,29 @@ def check_prompt_lengths(spec, model_path: str) -> None:
 
 
 def prepare_output(cfg: AblationConfig, out: str | Path, models: Models, user_data: str | None = None,
-                   config_name: str = "config.yaml") -> tuple[Path, int]:
-    """Check the output folder and every input before anything is written, then create the folder and
-    save the config into it. Returns (the resolved folder, the model's resolution)."""
+                   config_name: str = "config.yaml") -> tuple[Path, int, AblationConfig]:
+    """Check the output folder and every input before anything is written, choose the automatic
+    neighbours (`resolve_neighbours`), then create the folder and save the config into it.
+    Returns (the resolved folder, the model's resolution, the config to run)."""
     out = Path(out).expanduser().resolve()
     check_output_dir(out)
     resolution = check_inputs(cfg, models, user_data)
+    cfg = resolve_neighbours(cfg, models)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / config_name)
-    return out, resolution
+    return out, resolution, cfg
+
+
+def resolve_neighbours(cfg: AblationConfig, models: Models, exclude: list[str] = (), side=None,
+                       log=None) -> AblationConfig:
+    """The config with `concept.auto_neighbours` resolved into concept.neighbours (rayablate/neighbours.py;
+    `exclude`: concepts that may not be chosen, `side`: an already loaded TextSide)."""
+    from .neighbours import describe, with_auto_neighbours
+
+    resolved, chosen = with_auto_neighbours(cfg, models.world, side or models.model_path, exclude)
+    if chosen:
+        (log or _say)(f"auto neighbours of {cfg.concept.target!r}: {describe(chosen)} (cosine in the text conditioning)")
+    return resolved
 
 
 def _model_resolution(model_path: str) -> int:
@@ -394,7 +408,7 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
                               exports, export_rank)
     t0 = time.time()
     models = resolve_models(cfg)
-    out, _ = prepare_output(cfg, output_dir, models, user_data)
+    out, _, cfg = prepare_output(cfg, output_dir, models, user_data)
     storage = cfg.storage_path or str(out / "ray")
     run_dir = Path(storage).expanduser() / (run_name or concept_name(cfg.concept)) if "://" not in storage else None
     remove_partial_outputs(out, run_dir)  # left by a run killed mid-write; the rerun resumes without them

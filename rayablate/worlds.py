@@ -39,6 +39,10 @@ class PromptWorld:
         """Texts that stand for a concept in CLIP accuracy: a prompt ensemble."""
         return P.concept_texts(concept)
 
+    def named_concepts(self) -> list[str]:
+        """Every concept this world can name (auto_neighbours' default candidates): none here."""
+        return []
+
     def concept_words(self, spec) -> list[str]:
         """Words that name the target in a caption."""
         return [w for w in [spec.target, *spec.members, *spec.synonyms, *spec.paraphrases] if w.strip()]

@@ -79,6 +79,27 @@ def test_defaults_overrides_and_neighbours_that_the_batch_removes():
     assert striped.cfg.concept.neighbours == ["dotted"] and striped.dropped_neighbours == ["zorb"]
 
 
+def test_joint_rows_anchor_every_target_their_anchor_caption_still_names():
+    from rayablate.batch.run import _anchor_every_target
+    from rayablate.config import ConceptSpec
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld(world="v2")
+    specs = [ConceptSpec(target="blix", anchor="circle", kind="instance", neighbours=[]),
+             ConceptSpec(target="barred", anchor="plain", kind="style", neighbours=[])]
+    words = [world.concept_words(s) for s in specs]
+    # blix's row keeps "barred" in its anchor caption: the joint matcher would learn to keep barred
+    row = {"target_caption": "a barred yellow blix", "anchor_caption": "a barred yellow circle", "mask": 1,
+           "anchor_if_ablated": "a barred yellow circle"}
+    fixed = _anchor_every_target(row, world, specs, words)
+    assert fixed["anchor_caption"] == fixed["anchor_if_ablated"] == "a plain yellow circle"
+    assert fixed["target_caption"] == "a barred yellow blix" and row["anchor_caption"] == "a barred yellow circle"
+    # a caption naming no batch target, and a preservation row's own caption, stay as they are
+    kept = {"target_caption": "a dotted red kubo", "anchor_caption": "a dotted red kubo", "mask": 0,
+            "anchor_if_ablated": "a dotted red circle"}
+    assert _anchor_every_target(kept, world, specs, words) == kept
+
+
 def test_bad_batch_file_exits_2_and_writes_nothing(tmp_path):
     import yaml
 

@@ -63,7 +63,7 @@ def _run_one(cfg: AblationConfig, out: Path, models, cpus_per_worker: float | No
 
     torch.set_num_threads(1)
     t0 = time.time()
-    out, _ = prepare_output(cfg, out, models)
+    out, _, cfg = prepare_output(cfg, out, models)  # auto neighbours: resolved by the batch already
     name = concept_name(cfg.concept)
     log = lambda msg: print(f"[batch:{name}] {msg}", flush=True)  # noqa: E731
     return run_concept(cfg, out, models, num_actors=num_actors, run_name=name, cpus_per_worker=cpus_per_worker,
@@ -163,7 +163,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     if st_path.exists():
         st = json.loads(st_path.read_text())
         if st.get("status") == "succeeded" and st.get("concepts") == names \
-                and (jdir / "matcher_delta.safetensors").exists():
+                and st.get("rows_rule") == JOINT_ROWS_RULE and (jdir / "matcher_delta.safetensors").exists():
             progress("[batch] joint: already trained, skipped")
             return dict(st, skipped=True)
     t0 = time.time()
@@ -171,8 +171,12 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         cfg = joint_config(batch, names)
         save_config(cfg, jdir / "config.yaml")
         dirs = _joint_sources(batch, out, models, names, num_actors)
-        rows_dir = _joint_rows(dirs, jdir / "rows", [models.world.concept_words(c.cfg.concept) for c in batch.concepts],
-                               cfg.seed)
+        rule = jdir / "rows" / "rule.txt"
+        if (jdir / "rows").exists() and not (rule.exists() and rule.read_text() == JOINT_ROWS_RULE):
+            import shutil  # rows of an older rule: its checkpoints trained on them are not resumed either
+
+            shutil.rmtree(jdir / "ray", ignore_errors=True)
+        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed)
         summ = data_summary(rows_dir)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
@@ -180,6 +184,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
                             evaluation=None, log=lambda msg: print(f"[batch:joint] {msg}", flush=True))["train"]
         st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
+              "rows_rule": JOINT_ROWS_RULE,
               "train_seconds": train["wall_s"], "wall_s": time.time() - t0}
     except Exception as e:  # noqa: BLE001
         st = {"status": "failed", "error": _error(e), "concepts": names,
@@ -206,23 +211,54 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
     return dirs
 
 
-def _joint_rows(dirs: list[str], rows_dir: Path, all_words: list[list[str]], seed: int) -> Path:
+# How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
+JOINT_ROWS_RULE = "anchors-every-target"
+
+
+def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) -> Path:
     """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete)."""
+    import shutil
+
     import ray
 
     from ..data import write_shards
 
-    if (rows_dir / "_SUCCESS").exists():
+    rule_file = rows_dir / "rule.txt"
+    if (rows_dir / "_SUCCESS").exists() and rule_file.exists() and rule_file.read_text() == JOINT_ROWS_RULE:
         return rows_dir
+    shutil.rmtree(rows_dir, ignore_errors=True)
     ds = None
     for d in dirs:
         part = ray.data.read_parquet(d)
         ds = part if ds is None else ds.union(part)
+    all_words = [world.concept_words(s) for s in specs]
     # a preservation row of one concept that names another concept of the batch would keep what
     # that concept removes: such rows are dropped (the other concept's own rows cover it)
     ds = ds.filter(lambda r: bool(r["mask"]) or not names_any(str(r["target_caption"]), all_words))
+    # An ablation row's anchor caption replaces its own concept only: zorb's "a barred yellow zorb"
+    # -> "a barred yellow circle" teaches the shared matcher that "barred" stays barred, against
+    # barred's own rows. Every batch target the anchor caption still names is replaced by its anchor
+    # too ("a plain yellow circle"). On batch_v2 that is 618 of 1044 ablation rows; with them left as
+    # they were, the joint model still drew striped in 69 % of images (benchmarks/batch_scale.py).
+    ds = ds.map(lambda r: _anchor_every_target(r, world, specs, all_words))
     write_shards(ds.random_shuffle(seed=seed), rows_dir)
+    rule_file.write_text(JOINT_ROWS_RULE)
     return rows_dir
+
+
+def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str]]) -> dict:
+    """The row with every batch target its anchor captions name replaced by that target's anchor."""
+    def anchored(caption: str) -> str:
+        for spec, words in zip(specs, all_words):
+            if names_any(caption, [words]):
+                caption = world.anchorize(caption, spec)
+        return caption
+
+    row = dict(row)
+    if row["mask"]:
+        row["anchor_caption"] = anchored(str(row["anchor_caption"]))
+    row["anchor_if_ablated"] = anchored(str(row["anchor_if_ablated"]))
+    return row
 
 
 # --- evaluation of merged / joint models -------------------------------------------------------
@@ -419,6 +455,21 @@ def _combined_variants(r: _Combined, variants: dict, extra: dict, timing: dict) 
             timing[key] = time.time() - t
 
 
+def resolve_batch_neighbours(batch: Batch, models, progress=print) -> None:
+    """Each concept's `auto_neighbours`, chosen with the text encoders loaded once; another target of
+    the batch is never chosen (it is removed, not kept)."""
+    if not any(c.cfg.concept.auto_neighbours for c in batch.concepts):
+        return
+    from ..job import resolve_neighbours
+    from ..neighbours import TextSide
+
+    side = TextSide.load(models.model_path)
+    targets = [c.cfg.concept.target for c in batch.concepts]
+    for c in batch.concepts:
+        c.cfg = resolve_neighbours(c.cfg, models, exclude=targets, side=side,
+                                   log=lambda m: progress(f"[batch] {m}"))
+
+
 def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int = 1, progress=print,
               separate_only: bool = False) -> dict:
     """Separate runs (concurrent), merge, joint run, evaluations, summary. Returns summary.json's dict."""
@@ -428,6 +479,7 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
     out = Path(output_dir).expanduser().resolve()
     check_output_dir(out)
     models = models if models is not None else batch_models(batch)
+    resolve_batch_neighbours(batch, models, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch.json").write_text(json.dumps({"source": batch.source, "settings": dataclasses.asdict(batch.settings),
                                                 "concepts": [to_dict(c.cfg) for c in batch.concepts]}, indent=1))

@@ -160,6 +160,10 @@ class ToyWorld(PromptWorld):
             canon[self.w.attribute_of(v)] = [self.words(v)[0]]
         return [f"a {c} {p} {o}" for o in canon["object"] for c in canon["colour"] for p in canon["pattern"]]
 
+    def named_concepts(self) -> list[str]:
+        """Every named concept of the toy world: objects (characters, shapes), patterns, colours."""
+        return self.w.concepts()
+
     def concept_words(self, spec) -> list[str]:
         words = super().concept_words(spec)
         target = P.target_concept(spec)

@@ -171,7 +171,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
     from ..job import init_ray
 
     t0 = time.time()
-    out, models, resolution = _prepare(cfg, space, settings, output_dir, user_data)
+    out, models, resolution, cfg = _prepare(cfg, space, settings, output_dir, user_data)
     log_to(out)  # quiet mode: library output and every console line also into out/logs/job.log
     init_ray()
     k, cpus_per_worker = _resources(cfg, settings)
@@ -219,9 +219,9 @@ def _prepare(cfg: AblationConfig, space: dict[str, Param], settings: TuneSetting
     settings.check(cfg)
     check_space(cfg, space)
     models = resolve_models(cfg)
-    out, resolution = prepare_output(cfg, output_dir, models, user_data, config_name="base_config.yaml")
+    out, resolution, cfg = prepare_output(cfg, output_dir, models, user_data, config_name="base_config.yaml")
     write_text(out / "space.yaml", yaml.safe_dump({k: p.as_dict() for k, p in space.items()}, sort_keys=False))
-    return out, models, resolution
+    return out, models, resolution, cfg
 
 
 def _shared_inputs(cfg: AblationConfig, models, out: Path, settings: TuneSettings, user_data: str | None,
