@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-merge", action="store_true", help="skip the merged (and summed) model")
     ap.add_argument("--no-joint", action="store_true", help="skip the joint run")
     ap.add_argument("--num-actors", type=int, default=1, help="actors per Ray Data stage")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show everything on the console: every concept run's own lines, Ray's and the "
+                         "libraries' output (by default: one line per concept and step, the rest in "
+                         "<output-dir>/logs/ and each concept's logs/)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
         check_output_dir(Path(args.output_dir))
         result["summary"] = run_batch(batch, args.output_dir, num_actors=args.num_actors)
 
-    code = guarded(run)
+    code = guarded(run, args.verbose)
     if code == 0 and any(r["status"] != "succeeded" for r in result["summary"]["concepts"]):
         return 1
     return code

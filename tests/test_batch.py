@@ -98,6 +98,13 @@ def test_joint_rows_anchor_every_target_their_anchor_caption_still_names():
     kept = {"target_caption": "a dotted red kubo", "anchor_caption": "a dotted red kubo", "mask": 0,
             "anchor_if_ablated": "a dotted red circle"}
     assert _anchor_every_target(kept, world, specs, words) == kept
+    # a preservation row naming another batch target would keep what that target removes: it
+    # becomes an ablation row to the anchored caption, which still keeps the concept it was for
+    pres = {"target_caption": "a barred red kubo", "anchor_caption": "a barred red kubo", "mask": 0,
+            "anchor_if_ablated": "a barred red circle"}
+    conv = _anchor_every_target(pres, world, specs, words)
+    assert conv["mask"] == 1 and conv["anchor_caption"] == "a plain red kubo"
+    assert conv["target_caption"] == "a barred red kubo"
 
 
 def test_bad_batch_file_exits_2_and_writes_nothing(tmp_path):

@@ -135,8 +135,26 @@ def run_separate(batch: Batch, out: Path, models, num_actors: int = 1, progress=
                   f"done, {time.time() - t0:.0f}s elapsed)"
             if st["status"] != "succeeded":
                 msg += f" -- {st['error'].splitlines()[0] if st['error'] else ''}"
+            else:
+                msg += _result_line(out / "concepts" / c.name)
             progress(msg)
     return results
+
+
+def _result_line(d: Path) -> str:
+    """': target 1.00 -> 0.00, kept >= 100 %' from a concept's metrics.json (the judge's rate, else CLIP accuracy)."""
+    try:
+        m = json.loads((d / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    key = "concept_rate" if m.get("target", {}).get("concept_rate_before") is not None else "clip_accuracy"
+    t = m.get("target", {})
+    if t.get(f"{key}_before") is None:
+        return ""
+    kept = [g[f"{key}_after"] / g[f"{key}_before"] for k, g in m.items()
+            if (k == "anchor" or k.startswith("neighbours.")) and isinstance(g, dict) and g.get(f"{key}_before")]
+    line = f": target {t[f'{key}_before']:.2f} -> {t[f'{key}_after']:.2f}"
+    return line + (f", anchor and neighbours kept >= {100 * min(kept):.0f} %" if kept else "")
 
 
 def _task_status(ref, out: Path, started: float) -> dict:
@@ -171,7 +189,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         cfg = joint_config(batch, names)
         save_config(cfg, jdir / "config.yaml")
         dirs = _joint_sources(batch, out, models, names, num_actors)
-        rule = jdir / "rows" / "rule.txt"
+        rule = jdir / "rows.rule"
         if (jdir / "rows").exists() and not (rule.exists() and rule.read_text() == JOINT_ROWS_RULE):
             import shutil  # rows of an older rule: its checkpoints trained on them are not resumed either
 
@@ -182,7 +200,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
         train = run_concept(cfg, jdir, models, data_dir=rows_dir, run_name="joint",
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
-                            evaluation=None, log=lambda msg: print(f"[batch:joint] {msg}", flush=True))["train"]
+                            evaluation=None, log=lambda msg: progress(f"[batch:joint] {msg}"))["train"]
         st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
               "rows_rule": JOINT_ROWS_RULE,
               "train_seconds": train["wall_s"], "wall_s": time.time() - t0}
@@ -212,7 +230,7 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
 
 
 # How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
-JOINT_ROWS_RULE = "anchors-every-target"
+JOINT_ROWS_RULE = "anchors-every-target/converts-preservation"
 
 
 def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) -> Path:
@@ -223,7 +241,7 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
 
     from ..data import write_shards
 
-    rule_file = rows_dir / "rule.txt"
+    rule_file = rows_dir.parent / f"{rows_dir.name}.rule"  # beside the shards: readers take every file in rows_dir
     if (rows_dir / "_SUCCESS").exists() and rule_file.exists() and rule_file.read_text() == JOINT_ROWS_RULE:
         return rows_dir
     shutil.rmtree(rows_dir, ignore_errors=True)
@@ -232,14 +250,17 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
         part = ray.data.read_parquet(d)
         ds = part if ds is None else ds.union(part)
     all_words = [world.concept_words(s) for s in specs]
-    # a preservation row of one concept that names another concept of the batch would keep what
-    # that concept removes: such rows are dropped (the other concept's own rows cover it)
-    ds = ds.filter(lambda r: bool(r["mask"]) or not names_any(str(r["target_caption"]), all_words))
-    # An ablation row's anchor caption replaces its own concept only: zorb's "a barred yellow zorb"
-    # -> "a barred yellow circle" teaches the shared matcher that "barred" stays barred, against
-    # barred's own rows. Every batch target the anchor caption still names is replaced by its anchor
-    # too ("a plain yellow circle"). On batch_v2 that is 618 of 1044 ablation rows; with them left as
-    # they were, the joint model still drew striped in 69 % of images (benchmarks/batch_scale.py).
+    # One concept's rows know nothing of the others. An ablation row's anchor caption replaces its
+    # own concept only: zorb's "a barred yellow zorb" -> "a barred yellow circle" teaches the shared
+    # matcher that "barred" stays barred, against barred's own rows; and a preservation row of one
+    # concept that names another ("a dotted plon", kept for tafi) would keep what that one removes.
+    # Every batch target such a caption names is replaced by its anchor: the ablation row's anchor
+    # becomes "a plain yellow circle", the preservation row an ablation row "a dotted plon" ->
+    # "a plain plon", which still keeps plon. On batch_v2 that is 618 of 1044 ablation rows and 357
+    # of 492 preservation rows. In process, 800 steps, 16 images a concept: the old rows (those
+    # preservation rows dropped) left the joint model drawing striped in 69 % of images, worst
+    # target 0.69, mean 0.29; re-anchored ablation rows alone took that to 0.06 / 0.01 but plon (kept
+    # by tafi's dropped rows) to 0.62; both together: worst target 0.12, mean 0.02, worst kept 0.88.
     ds = ds.map(lambda r: _anchor_every_target(r, world, specs, all_words))
     write_shards(ds.random_shuffle(seed=seed), rows_dir)
     rule_file.write_text(JOINT_ROWS_RULE)
@@ -247,7 +268,8 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
 
 
 def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str]]) -> dict:
-    """The row with every batch target its anchor captions name replaced by that target's anchor."""
+    """The row with every batch target its anchor captions name replaced by that target's anchor; a
+    preservation row whose caption names a batch target becomes an ablation row to that anchor."""
     def anchored(caption: str) -> str:
         for spec, words in zip(specs, all_words):
             if names_any(caption, [words]):
@@ -255,7 +277,10 @@ def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str
         return caption
 
     row = dict(row)
-    if row["mask"]:
+    if not row["mask"] and names_any(str(row["target_caption"]), all_words):
+        row["mask"] = 1
+        row["anchor_caption"] = anchored(str(row["target_caption"]))
+    elif row["mask"]:
         row["anchor_caption"] = anchored(str(row["anchor_caption"]))
     row["anchor_if_ablated"] = anchored(str(row["anchor_if_ablated"]))
     return row
@@ -470,10 +495,14 @@ def resolve_batch_neighbours(batch: Batch, models, progress=print) -> None:
                                    log=lambda m: progress(f"[batch] {m}"))
 
 
-def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int = 1, progress=print,
+def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int = 1, progress=None,
               separate_only: bool = False) -> dict:
-    """Separate runs (concurrent), merge, joint run, evaluations, summary. Returns summary.json's dict."""
+    """Separate runs (concurrent), merge, joint run, evaluations, summary. Returns summary.json's dict.
+    `progress`: where the batch's lines go (default: the console and <output_dir>/logs/job.log)."""
+    from ..console import is_verbose, log_to, quiet_libraries, say
     from ..job import check_output_dir, init_ray
+
+    progress = progress or say
 
     t0 = time.time()
     out = Path(output_dir).expanduser().resolve()
@@ -483,7 +512,10 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch.json").write_text(json.dumps({"source": batch.source, "settings": dataclasses.asdict(batch.settings),
                                                 "concepts": [to_dict(c.cfg) for c in batch.concepts]}, indent=1))
+    log_to(out)  # quiet mode: the batch's lines and the libraries' logging into out/logs/job.log
     init_ray()
+    if not is_verbose():
+        quiet_libraries()  # ray.init adds console handlers of its own
     progress(f"[batch] {len(batch.concepts)} concepts, at most {batch.settings.max_concurrent} at once -> {out}")
     statuses = run_separate(batch, out, models, num_actors, progress)
     timing = {"separate": time.time() - t0}
