@@ -210,6 +210,8 @@ def joint_config(batch: Batch, names: list[str]) -> AblationConfig:
     steps = sum(by[n].cfg.steps for n in names)
     data = _deep_merge(base, {"steps": steps})
     data = _deep_merge(data, batch.settings.joint_overrides)
+    if "report_every" not in batch.settings.joint_overrides:  # about ten loss lines, however long the run
+        data["report_every"] = max(20, -(-int(data["steps"]) // 10))
     try:
         return config_from_dict(data)
     except ConfigError as e:
