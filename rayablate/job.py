@@ -230,7 +230,7 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABL
 
 
 def init_ray(num_cpus: int | None = None):
-    """Join the cluster at RAY_ADDRESS, or start a local Ray."""
+    """Join the cluster at RAY_ADDRESS, or start a local Ray (a quiet job's console stays quiet)."""
     import ray
 
     if ray.is_initialized():
@@ -269,6 +269,8 @@ def init_ray(num_cpus: int | None = None):
                 if attempt == 2:
                     raise
                 print(f"[rayablate] local Ray did not start ({e}); trying once more", flush=True)
+    if not forward:
+        console.quiet_libraries()  # ray.init adds console handlers of its own
     if callable(previous):
         signal.signal(signal.SIGTERM, previous)
     return ray
@@ -413,12 +415,10 @@ def ablate(cfg: AblationConfig, output_dir: str | Path, user_data: str | None = 
     run_dir = Path(storage).expanduser() / (run_name or concept_name(cfg.concept)) if "://" not in storage else None
     remove_partial_outputs(out, run_dir)  # left by a run killed mid-write; the rerun resumes without them
     TOUCHED.append((out, run_dir))
-    from .console import is_verbose, log_to, quiet_libraries
+    from .console import log_to
 
     log_to(out)
     init_ray()
-    if not is_verbose():
-        quiet_libraries()  # ray.init adds console handlers of its own
     _say(f"ablating {cfg.concept.target!r} -> {anchor_label(cfg.concept.anchor, cfg.concept.anchor_kind)} "
          f"in {models.model_path}")
     result = run_concept(cfg, out, models, user_data=user_data, num_actors=num_actors, resume=resume,

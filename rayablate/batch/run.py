@@ -142,18 +142,19 @@ def run_separate(batch: Batch, out: Path, models, num_actors: int = 1, progress=
 
 
 def _result_line(d: Path) -> str:
-    """': target 1.00 -> 0.00, kept >= 100 %' from a concept's metrics.json (the judge's rate, else CLIP accuracy)."""
+    """': target 1.00 -> 0.00, anchor and neighbours kept >= 100 %' from a concept's metrics.json, by
+    the summary's own rule (`report.summarize_metrics`)."""
+    from .report import _rate_key, summarize_metrics
+
     try:
         m = json.loads((d / "metrics.json").read_text())
     except (OSError, ValueError):
         return ""
-    key = "concept_rate" if m.get("target", {}).get("concept_rate_before") is not None else "clip_accuracy"
-    t = m.get("target", {})
-    if t.get(f"{key}_before") is None:
+    row = summarize_metrics(m, _rate_key(m))
+    if row["target_before"] is None or row["target_after"] is None:
         return ""
-    kept = [g[f"{key}_after"] / g[f"{key}_before"] for k, g in m.items()
-            if (k == "anchor" or k.startswith("neighbours.")) and isinstance(g, dict) and g.get(f"{key}_before")]
-    line = f": target {t[f'{key}_before']:.2f} -> {t[f'{key}_after']:.2f}"
+    kept = [k for k in (row["anchor_kept"], row["neighbours_kept_min"]) if k is not None]
+    line = f": target {row['target_before']:.2f} -> {row['target_after']:.2f}"
     return line + (f", anchor and neighbours kept >= {100 * min(kept):.0f} %" if kept else "")
 
 
@@ -189,8 +190,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         cfg = joint_config(batch, names)
         save_config(cfg, jdir / "config.yaml")
         dirs = _joint_sources(batch, out, models, names, num_actors)
-        rule = jdir / "rows.rule"
-        if (jdir / "rows").exists() and not (rule.exists() and rule.read_text() == JOINT_ROWS_RULE):
+        if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows"):
             import shutil  # rows of an older rule: its checkpoints trained on them are not resumed either
 
             shutil.rmtree(jdir / "ray", ignore_errors=True)
@@ -241,8 +241,7 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
 
     from ..data import write_shards
 
-    rule_file = rows_dir.parent / f"{rows_dir.name}.rule"  # beside the shards: readers take every file in rows_dir
-    if (rows_dir / "_SUCCESS").exists() and rule_file.exists() and rule_file.read_text() == JOINT_ROWS_RULE:
+    if (rows_dir / "_SUCCESS").exists() and _rows_made_by_rule(rows_dir):
         return rows_dir
     shutil.rmtree(rows_dir, ignore_errors=True)
     ds = None
@@ -263,8 +262,17 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
     # by tafi's dropped rows) to 0.62; both together: worst target 0.12, mean 0.02, worst kept 0.88.
     ds = ds.map(lambda r: _anchor_every_target(r, world, specs, all_words))
     write_shards(ds.random_shuffle(seed=seed), rows_dir)
-    rule_file.write_text(JOINT_ROWS_RULE)
+    _rule_file(rows_dir).write_text(JOINT_ROWS_RULE)
     return rows_dir
+
+
+def _rule_file(rows_dir: Path) -> Path:
+    return rows_dir.parent / f"{rows_dir.name}.rule"  # beside the shards: readers take every file in rows_dir
+
+
+def _rows_made_by_rule(rows_dir: Path) -> bool:
+    rule = _rule_file(rows_dir)
+    return rule.exists() and rule.read_text() == JOINT_ROWS_RULE
 
 
 def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str]]) -> dict:
@@ -499,7 +507,7 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
               separate_only: bool = False) -> dict:
     """Separate runs (concurrent), merge, joint run, evaluations, summary. Returns summary.json's dict.
     `progress`: where the batch's lines go (default: the console and <output_dir>/logs/job.log)."""
-    from ..console import is_verbose, log_to, quiet_libraries, say
+    from ..console import log_to, say
     from ..job import check_output_dir, init_ray
 
     progress = progress or say
@@ -514,8 +522,6 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
                                                 "concepts": [to_dict(c.cfg) for c in batch.concepts]}, indent=1))
     log_to(out)  # quiet mode: the batch's lines and the libraries' logging into out/logs/job.log
     init_ray()
-    if not is_verbose():
-        quiet_libraries()  # ray.init adds console handlers of its own
     progress(f"[batch] {len(batch.concepts)} concepts, at most {batch.settings.max_concurrent} at once -> {out}")
     statuses = run_separate(batch, out, models, num_actors, progress)
     timing = {"separate": time.time() - t0}
