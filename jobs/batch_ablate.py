@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                     help="show everything on the console: every concept run's own lines, Ray's and the "
                          "libraries' output (by default: one line per concept and step, the rest in "
                          "<output-dir>/logs/ and each concept's logs/)")
+    from rayablate.cli import add_image_cache_flag
+
+    add_image_cache_flag(ap)
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

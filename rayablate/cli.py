@@ -85,6 +85,24 @@ def add_common_flags(ap: argparse.ArgumentParser, output_default: str | None = N
                          "library warnings (by default they go to <output-dir>/logs/)")
     ap.add_argument("--robust", action="store_true", default=None,
                     help="robust ablation: an inner attacker's soft tokens become ablation rows (config: robust: true)")
+    add_image_cache_flag(ap)
+
+
+class _ImageCacheOff(argparse.Action):
+    """--no-image-cache: turns the base-image cache off for this process (rayablate/image_cache.py)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .image_cache import ENV
+
+        os.environ[ENV] = "off"
+        setattr(namespace, self.dest, True)
+
+
+def add_image_cache_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-image-cache", action=_ImageCacheOff, nargs=0, default=False,
+                    help="draw the base model's anchor and before-images anew instead of reading them from the "
+                         "base-image cache ($RAYABLATE_IMAGE_CACHE, default ~/.cache/rayablate/images; "
+                         "RAYABLATE_IMAGE_CACHE=off does the same)")
 
 
 def add_attack_flags(ap: argparse.ArgumentParser, prefix: str = "") -> None:

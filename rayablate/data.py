@@ -251,6 +251,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     """
     import ray
 
+    from .image_cache import BaseImageCache
     from .memorized import replica_filter
     from .sampling import sample_dataset
 
@@ -260,8 +261,17 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     rows = prompt_rows(cfg, world)
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
-    ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
-                        use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption", batch_size=16)
+    cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+    cached = cache.lookup(rows, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale) if cache else None
+    if cached is not None:  # the frozen model drew these before: no sampler actor (rayablate/image_cache.py)
+        from .console import say
+
+        say(f"[rayablate]     the {len(rows)} anchor images came from the base-image cache")
+        ds = ray.data.from_items([dict(r, image=png) for r, png in zip(rows, cached)])
+    else:
+        ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
+                            use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption",
+                            batch_size=16)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
@@ -271,7 +281,20 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)
+    if cache is not None and cached is None:
+        _remember_anchor_images(cache, rows, out_dir, cfg)
     return out_dir
+
+
+def _remember_anchor_images(cache, rows: list[dict], shards: Path, cfg: AblationConfig) -> None:
+    """Keep the written shards' generated images in the base-image cache, matched to the rows they
+    were drawn for by seed (the mask rewrites the captions; a replica filter may have dropped rows)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(shards), columns=["seed", "image", "source"]).to_pydict()
+    by_seed = {int(s): img for s, img, src in zip(table["seed"], table["image"], table["source"]) if src == "generated"}
+    kept = [r for r in rows if int(r["seed"]) in by_seed]
+    cache.store(kept, [by_seed[int(r["seed"])] for r in kept], "anchor_caption", cfg.anchor_steps, cfg.guidance_scale)
 
 
 def write_shards(ds, out_dir: Path) -> None:

@@ -109,6 +109,10 @@ def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *
 
 def collect_images(ds, columns, key) -> dict:
     """{key(row): {column: uint8 NxHxWx3}} of a sampled dataset, each stack in the rows' "idx" order."""
+    return _stacked(_collected(ds, columns, key))
+
+
+def _collected(ds, columns, key) -> dict:
     from .images import decode_png
 
     out: dict = {}
@@ -116,4 +120,40 @@ def collect_images(ds, columns, key) -> dict:
         slot = out.setdefault(key(r), {})
         for c in columns:
             slot.setdefault(c, {})[int(r["idx"])] = decode_png(r[c])
+    return out
+
+
+def _stacked(out: dict) -> dict:
     return {k: {c: np.stack([v[i] for i in sorted(v)]) for c, v in d.items()} for k, d in out.items()}
+
+
+def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None], key, *, steps: int | None = None,
+                guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1, batch_size: int = 16,
+                prompt_column: str = "prompt") -> tuple[dict, list[str]]:
+    """`collect_images(sample_dataset(...))`, with the base model's columns (delta None) read from
+    the image cache (rayablate/image_cache.py) when every row of them is there, and kept there when
+    they had to be drawn. Rows need "seed" and "idx". Returns (images, the columns served from the
+    cache): with every column served, no actor starts at all."""
+    from .image_cache import BaseImageCache
+    from .images import decode_png, encode_png
+
+    cache = BaseImageCache.for_model(model_path, use_gpu) if None in deltas.values() else None
+    served = {}
+    for column, delta in deltas.items():
+        pngs = cache.lookup(rows, prompt_column, steps, guidance) if cache and delta is None else None
+        if pngs is not None:
+            served[column] = pngs
+    todo = {c: d for c, d in deltas.items() if c not in served}
+    out = {}
+    if todo:
+        ds = sample_dataset(rows, model_path, todo, steps=steps, guidance=guidance, use_gpu=use_gpu,
+                            num_actors=num_actors, prompt_column=prompt_column, batch_size=batch_size)
+        out = _collected(ds, list(todo), key)
+    for column, pngs in served.items():
+        for r, png in zip(rows, pngs):
+            out.setdefault(key(r), {}).setdefault(column, {})[int(r["idx"])] = decode_png(png)
+    if cache:
+        for column in (c for c, d in todo.items() if d is None):
+            cache.store(rows, [encode_png(out[key(r)][column][int(r["idx"])]) for r in rows], prompt_column, steps,
+                        guidance)
+    return _stacked(out), list(served)

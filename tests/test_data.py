@@ -246,3 +246,67 @@ def test_image_anchors_replace_the_ablation_rows_images_at_the_models_resolution
         assert not torch.equal(rows[0], rows[1])
         assert torch.equal(ab.anchor_images(images, mask, step=3), out)  # the same (rank, step): the same noise
         assert not torch.equal(ab.anchor_images(images, mask, step=4), out)
+
+
+def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, tiny_sd_path, tiny_clip_path,
+                                                                      tmp_path, monkeypatch):
+    """The frozen model's anchor and before-images are drawn once: a second build and evaluation read
+    them from the cache (the same pixels) and start no sampler."""
+    import dataclasses
+
+    import rayablate.sampling as S
+    from rayablate.data import build_training_data
+    from rayablate.evaluation import generate_before_after
+    from rayablate.image_cache import ENV
+
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    cfg = config_from_dict({"num_anchor_images": 6, "num_preservation_images": 4, "anchor_steps": 2,
+                            "eval_images": 3, "eval_steps": 2})
+    first = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "a", ToyWorld())
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 10
+    groups = ToyWorld().eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed)
+    drawn = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 10 + sum(len(g.prompts) for g in groups)
+
+    def no_sampler(*a, **k):
+        raise AssertionError("a sampler was started although the cache holds every image")
+
+    monkeypatch.setattr(S, "sample_dataset", no_sampler)
+    second = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "b", ToyWorld())
+    by_seed = lambda p: {r["seed"]: r["image"] for r in pq.read_table(str(p)).to_pylist()}  # noqa: E731
+    assert by_seed(first) == by_seed(second)
+    served = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
+    for g in groups:
+        assert np.array_equal(served[g.name]["before"], drawn[g.name]["before"])
+    # another sampler setting is another image: drawn, not served
+    with pytest.raises(AssertionError, match="a sampler was started"):
+        generate_before_after(groups, str(tiny_sd_path), None, dataclasses.replace(cfg, eval_steps=3), cfg.eval_seed)
+    monkeypatch.setenv(ENV, "off")
+    with pytest.raises(AssertionError, match="a sampler was started"):
+        generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
+
+
+def test_the_image_cache_key_follows_the_models_bytes(tmp_path, monkeypatch):
+    import shutil
+
+    from rayablate.image_cache import ENV, BaseImageCache, model_fingerprint
+    from rayablate.toyworld import bundle_paths
+
+    model = tmp_path / "sd"
+    shutil.copytree(bundle_paths()["sd"], model)
+    before = model_fingerprint(model)
+    assert before == model_fingerprint(model) and len(before) == 64
+    cfg_file = model / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace("}", ', "x": 1}', 1))
+    assert model_fingerprint(model) != before  # an edited file is another model: no stale image
+    assert model_fingerprint("org/some-hub-model") is None and model_fingerprint(tmp_path / "absent") is None
+    monkeypatch.setenv(ENV, str(tmp_path / "c"))
+    cache = BaseImageCache.for_model(model)
+    cache.put("a red circle", 3, 20, 4.0, b"png")
+    assert cache.get("a red circle", 3, 20, 4.0) == b"png"
+    assert cache.get("a red circle", 4, 20, 4.0) is None and cache.get("a red circle", 3, 10, 4.0) is None
+    assert BaseImageCache.for_model(model, use_gpu=True).get("a red circle", 3, 20, 4.0) is None
+    assert cache.lookup([{"prompt": "a red circle", "seed": 3}, {"prompt": "a blue circle", "seed": 3}],
+                        "prompt", 20, 4.0) is None  # one missing: the set is drawn whole
+    monkeypatch.setenv(ENV, "off")
+    assert BaseImageCache.for_model(model) is None

@@ -308,11 +308,10 @@ def _eval_rows(concepts: list[BatchConcept], groups: dict[str, list]) -> list[di
 def generate_images(rows: list[dict], model_path: str, delta_path: str | None, num_actors: int = 1,
                     use_gpu: bool = False) -> dict[tuple[str, str], np.ndarray]:
     """{(concept, group): uint8 NxHxWx3} through the Ray Data Sampler."""
-    from ..sampling import collect_images, sample_dataset
+    from ..sampling import draw_images
 
-    ds = sample_dataset(rows, model_path, {"image": delta_path}, use_gpu=use_gpu, num_actors=num_actors,
-                        batch_size=32)
-    images = collect_images(ds, ["image"], key=lambda r: (r["concept"], r["group"]))
+    images, _ = draw_images(rows, model_path, {"image": delta_path}, lambda r: (r["concept"], r["group"]),
+                            use_gpu=use_gpu, num_actors=num_actors, batch_size=32)
     return {k: d["image"] for k, d in images.items()}
 
 
