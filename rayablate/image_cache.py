@@ -1,10 +1,9 @@
 """The frozen model's images, kept on the driver's disk: a job draws them once per machine.
 
-Every job draws images of the *base* model that the previous job drew already: the anchor images
-of the training data (same prompts, same seeds) and the evaluation's before-images (the same
-groups: a style ablation's anchor and neighbours recur from concept to concept, and a rerun with
-another learning rate repeats all of them). None of them depends on what is being trained. This
-cache keeps each one as a PNG named by what determines it:
+A job draws images of the *base* model: the anchor images of the training data and the
+evaluation's before-images. None of them depends on what is being trained, so a rerun of a concept
+with other training settings (learning rates, steps, loss weights, workers) draws every one of
+them again. This cache keeps each one as a PNG named by what determines it:
 
     the model folder's content (every file: its bytes, or for files over 256 MiB their size,
     mtime and first and last MiB), the prompt, the seed, sampler steps, guidance, the device kind,
