@@ -83,10 +83,9 @@ class BaseImageCache:
         fp = model_fingerprint(model_path)
         if fp is None:
             return None
-        import diffusers
-        import torch
+        from importlib.metadata import version  # not `import diffusers`: 2 s the driver need not spend
 
-        salt = json.dumps([CACHE_FORMAT, torch.__version__, diffusers.__version__, "cuda" if use_gpu else "cpu"])
+        salt = json.dumps([CACHE_FORMAT, version("torch"), version("diffusers"), "cuda" if use_gpu else "cpu"])
         return cls(root / fp[:32], salt)
 
     def _file(self, prompt: str, seed: int, steps: int, guidance: float) -> Path:
