@@ -261,14 +261,19 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     rows = prompt_rows(cfg, world)
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
+    # the frozen model's images drawn before are not drawn again; all of them: no sampler (rayablate/image_cache.py)
     cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
-    cached = cache.lookup(rows, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale) if cache else None
-    if cached is not None:  # the frozen model drew these before: no sampler actor (rayablate/image_cache.py)
+    cached = cache.pngs(rows, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale) if cache else [None] * len(rows)
+    hits = sum(p is not None for p in cached)
+    if hits:
         from .console import say
 
-        say(f"[rayablate]     the {len(rows)} anchor images came from the base-image cache")
-        ds = ray.data.from_items([dict(r, image=png) for r, png in zip(rows, cached)])
+        say(f"[rayablate]     {hits} of the {len(rows)} anchor images came from the base-image cache")
+    rows = [dict(r, image=png) for r, png in zip(rows, cached)] if hits else rows
+    if hits == len(rows):
+        ds = ray.data.from_items(rows)
     else:
+        rows = [dict(r, image=r["image"] or b"") for r in rows] if hits else rows
         ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
                             use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption",
                             batch_size=16)
@@ -281,7 +286,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)
-    if cache is not None and cached is None:
+    if cache is not None and hits < len(rows):
         _remember_anchor_images(cache, rows, out_dir, cfg)
     return out_dir
 

@@ -25,17 +25,17 @@ from .prompts import EvalGroup
 def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
                           seed: int, num_actors: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """{group name: {"before": uint8 NxHxWx3, "after": ...}} through a Ray Data actor pool; the
-    before-images come from the base-image cache when it holds them all (rayablate/image_cache.py)."""
+    before-images the base-image cache holds are not drawn again (rayablate/image_cache.py)."""
     from .console import say
 
     rows = [{"group": g.name, "prompt": p, "seed": S.prompt_seed(seed, i), "idx": i}
             for g in groups for i, p in enumerate(g.prompts)]
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
-    images, served = S.draw_images(rows, model_path, deltas, lambda r: r["group"], steps=cfg.eval_steps,
-                                   guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu, num_actors=num_actors,
-                                   batch_size=32)
-    if served:
-        say(f"[evaluate] the {len(rows)} before-images came from the base-image cache")
+    images, hits = S.draw_images(rows, model_path, deltas, lambda r: r["group"], steps=cfg.eval_steps,
+                                 guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu, num_actors=num_actors,
+                                 batch_size=32)
+    if hits.get("before"):
+        say(f"[evaluate] {hits['before']} of the {len(rows)} before-images came from the base-image cache")
     return {g.name: images.get(g.name, {}) for g in groups}
 
 

@@ -11,6 +11,8 @@ them again. This cache keeps each one as a PNG named by what determines it:
 
 A key that differs in any of them is another file, so an edited model or another sampler setting
 never reads a stale image. The images of an ablated model (a delta applied) are never cached.
+Rows are served one by one: the Sampler draws only the rows the cache lacks, and a stage whose
+every row is cached starts no sampler.
 
 Where: `$RAYABLATE_IMAGE_CACHE`, else `<$RAYABLATE_CACHE or ~/.cache/rayablate>/images`;
 `RAYABLATE_IMAGE_CACHE=off` (or a job's `--no-image-cache`) turns it off. Only the driver reads and
@@ -109,17 +111,16 @@ class BaseImageCache:
         except OSError:  # a full or read-only disk costs the next job time, not this job its result
             pass
 
+    def pngs(self, rows: list[dict], prompt_column: str, steps: int | None, guidance: float | None) -> list:
+        """Each row's PNG, or None where the cache does not hold it (rows may carry "steps" and
+        "guidance", as the Sampler reads them)."""
+        return [self.get(r[prompt_column], r["seed"], r.get("steps", steps), r.get("guidance", guidance)) for r in rows]
+
     def lookup(self, rows: list[dict], prompt_column: str, steps: int | None,
                guidance: float | None) -> list[bytes] | None:
-        """Every row's PNG (rows may carry "steps"/"guidance", as the Sampler reads them), or None
-        if any one is missing: a partly cached set is drawn whole (one pipeline call, as before)."""
-        out = []
-        for r in rows:
-            png = self.get(r[prompt_column], r["seed"], r.get("steps", steps), r.get("guidance", guidance))
-            if png is None:
-                return None
-            out.append(png)
-        return out
+        """Every row's PNG, or None if any one is missing."""
+        got = self.pngs(rows, prompt_column, steps, guidance)
+        return None if any(p is None for p in got) else got
 
     def store(self, rows: list[dict], pngs, prompt_column: str, steps: int | None, guidance: float | None) -> int:
         """Keep each row's PNG; returns how many were new."""

@@ -27,21 +27,18 @@ class Sampler:
     (None: the base model; else the model with that delta applied), all with the same seed.
 
     Rows may carry "steps" and "guidance" columns, which then override the constructor's values.
+    A row that already holds non-empty PNG bytes in an output column (an image from the base-image
+    cache, rayablate/image_cache.py) keeps them: only the other rows are drawn, and a column's
+    pipeline is loaded the first time one of its images has to be drawn.
     """
 
     def __init__(self, model_path: str, deltas: dict[str, str | None], prompt_column: str = "prompt",
                  steps: int | None = None, guidance: float | None = None, use_gpu: bool = False):
         import torch
 
-        from .pipeline import apply_delta, load_pipeline
-
         torch.set_num_threads(1)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.pipes = {}
-        for column, delta in deltas.items():
-            self.pipes[column] = load_pipeline(model_path, device=self.device)
-            if delta:
-                apply_delta(self.pipes[column], delta)
+        self.model_path, self.deltas, self.pipes = model_path, dict(deltas), {}
         self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
 
     @classmethod
@@ -50,9 +47,18 @@ class Sampler:
         """The same sampler over pipelines already in this process (the in-process API): one output
         column per key of `pipes`; nothing is loaded and the process's thread count is left alone."""
         self = cls.__new__(cls)
-        self.pipes, self.device = dict(pipes), device
+        self.pipes, self.deltas, self.device = dict(pipes), {c: None for c in pipes}, device
         self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
         return self
+
+    def _pipe(self, column: str):
+        if column not in self.pipes:
+            from .pipeline import apply_delta, load_pipeline
+
+            self.pipes[column] = load_pipeline(self.model_path, device=self.device)
+            if self.deltas[column]:
+                apply_delta(self.pipes[column], self.deltas[column])
+        return self.pipes[column]
 
     def __call__(self, batch: dict) -> dict:
         from .images import encode_png
@@ -61,14 +67,15 @@ class Sampler:
         n = len(prompts)
         steps = [int(s) for s in batch["steps"]] if "steps" in batch else [self.steps] * n
         guidance = [float(g) for g in batch["guidance"]] if "guidance" in batch else [self.guidance] * n
-        # one pipeline call per (steps, guidance): rows of one setting are sampled as one batch
-        settings = sorted(set(zip(steps, guidance)))
-        for column, pipe in self.pipes.items():
-            pngs = [None] * n
-            for s, g in settings:
-                idx = [i for i in range(n) if (steps[i], guidance[i]) == (s, g)]
-                imgs = sample_images(pipe, [prompts[i] for i in idx], [batch["seed"][i] for i in idx], s, g,
-                                     self.device)
+        for column in self.deltas:
+            given = batch.get(column)
+            pngs = [bytes(g) if g is not None and len(g) else None for g in given] if given is not None else [None] * n
+            todo = [i for i in range(n) if pngs[i] is None]
+            # one pipeline call per (steps, guidance): rows of one setting are sampled as one batch
+            for s, g in sorted(set((steps[i], guidance[i]) for i in todo)):
+                idx = [i for i in todo if (steps[i], guidance[i]) == (s, g)]
+                imgs = sample_images(self._pipe(column), [prompts[i] for i in idx], [batch["seed"][i] for i in idx],
+                                     s, g, self.device)
                 for i, im in zip(idx, imgs):
                     pngs[i] = encode_png(im)
             batch[column] = np.array(pngs, dtype=object)
@@ -129,24 +136,24 @@ def _stacked(out: dict) -> dict:
 
 def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None], key, *, steps: int | None = None,
                 guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1, batch_size: int = 16,
-                prompt_column: str = "prompt") -> tuple[dict, list[str]]:
+                prompt_column: str = "prompt") -> tuple[dict, dict[str, int]]:
     """`collect_images(sample_dataset(...))`, with the base model's columns (delta None) read from
-    the image cache (rayablate/image_cache.py) when every row of them is there, and kept there when
-    they had to be drawn. Rows need "seed" and "idx". Returns (images, the columns served from the
-    cache): with every column served, no actor starts at all."""
+    the image cache (rayablate/image_cache.py) row by row, and what had to be drawn kept there. Rows
+    need "seed" and "idx". Returns (images, {column: images served from the cache}); when every
+    column is served whole, no actor starts at all."""
     from .image_cache import BaseImageCache
     from .images import decode_png, encode_png
 
     cache = BaseImageCache.for_model(model_path, use_gpu) if None in deltas.values() else None
-    served = {}
-    for column, delta in deltas.items():
-        pngs = cache.lookup(rows, prompt_column, steps, guidance) if cache and delta is None else None
-        if pngs is not None:
-            served[column] = pngs
+    found = {c: cache.pngs(rows, prompt_column, steps, guidance) for c, d in deltas.items() if cache and d is None}
+    hits = {c: sum(p is not None for p in got) for c, got in found.items()}
+    served = {c: got for c, got in found.items() if hits[c] == len(rows)}
+    partial = {c: got for c, got in found.items() if 0 < hits[c] < len(rows)}
     todo = {c: d for c, d in deltas.items() if c not in served}
     out = {}
     if todo:
-        ds = sample_dataset(rows, model_path, todo, steps=steps, guidance=guidance, use_gpu=use_gpu,
+        draw = [dict(r, **{c: got[i] or b"" for c, got in partial.items()}) for i, r in enumerate(rows)]
+        ds = sample_dataset(draw, model_path, todo, steps=steps, guidance=guidance, use_gpu=use_gpu,
                             num_actors=num_actors, prompt_column=prompt_column, batch_size=batch_size)
         out = _collected(ds, list(todo), key)
     for column, pngs in served.items():
@@ -156,4 +163,4 @@ def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None]
         for column in (c for c, d in todo.items() if d is None):
             cache.store(rows, [encode_png(out[key(r)][column][int(r["idx"])]) for r in rows], prompt_column, steps,
                         guidance)
-    return _stacked(out), list(served)
+    return _stacked(out), {c: n for c, n in hits.items() if n}

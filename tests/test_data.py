@@ -257,7 +257,7 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
     import rayablate.sampling as S
     from rayablate.data import build_training_data
     from rayablate.evaluation import generate_before_after
-    from rayablate.image_cache import ENV
+    from rayablate.image_cache import ENV, BaseImageCache
 
     monkeypatch.setenv(ENV, str(tmp_path / "cache"))
     cfg = config_from_dict({"num_anchor_images": 6, "num_preservation_images": 4, "anchor_steps": 2,
@@ -267,6 +267,14 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
     groups = ToyWorld().eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed)
     drawn = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 10 + sum(len(g.prompts) for g in groups)
+    # rows are served one by one: with two before-images gone, those two are drawn again, the same pixels
+    cache = BaseImageCache.for_model(str(tiny_sd_path))
+    for i in (0, 2):
+        cache._file(groups[0].prompts[i], S.prompt_seed(cfg.eval_seed, i), cfg.eval_steps, cfg.guidance_scale).unlink()
+    partly = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 10 + sum(len(g.prompts) for g in groups)
+    for g in groups:
+        assert np.array_equal(partly[g.name]["before"], drawn[g.name]["before"])
 
     def no_sampler(*a, **k):
         raise AssertionError("a sampler was started although the cache holds every image")
@@ -310,3 +318,21 @@ def test_the_image_cache_key_follows_the_models_bytes(tmp_path, monkeypatch):
                         "prompt", 20, 4.0) is None  # one missing: the set is drawn whole
     monkeypatch.setenv(ENV, "off")
     assert BaseImageCache.for_model(model) is None
+
+
+def test_the_sampler_draws_only_the_rows_without_an_image(tiny_pipe):
+    """A row that arrives with PNG bytes in an output column (from the base-image cache) keeps them
+    byte for byte; the other rows are drawn, as they would be without the cache."""
+    from rayablate.images import decode_png
+    from rayablate.sampling import Sampler
+
+    sentinel = img(value=7)
+    sampler = Sampler.of_pipes({"image": tiny_pipe}, steps=2, guidance=4.0)
+    batch = {"prompt": np.array(["a red circle", "a blue square", "a red circle"], dtype=object),
+             "seed": np.array([1, 2, 1]), "image": np.array([b"", sentinel, b""], dtype=object)}
+    out = sampler(dict(batch))["image"]
+    assert out[1] == sentinel
+    drawn = [decode_png(out[0]), decode_png(out[2])]
+    assert np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[0], decode_png(sentinel))
+    fresh = sampler({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
+    assert np.array_equal(decode_png(fresh[0]), drawn[0])
