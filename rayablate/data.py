@@ -269,11 +269,11 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         from .console import say
 
         say(f"[rayablate]     {hits} of the {len(rows)} anchor images came from the base-image cache")
-    rows = [dict(r, image=png) for r, png in zip(rows, cached)] if hits else rows
+    if hits:  # the Sampler keeps a row's PNG and draws only the empty ones
+        rows = [dict(r, image=png or b"") for r, png in zip(rows, cached)]
     if hits == len(rows):
         ds = ray.data.from_items(rows)
     else:
-        rows = [dict(r, image=r["image"] or b"") for r in rows] if hits else rows
         ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
                             use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption",
                             batch_size=16)

@@ -50,13 +50,12 @@ def model_fingerprint(model_path: str | Path) -> str | None:
     path = Path(str(model_path)).expanduser()
     if "://" in str(model_path) or not path.is_dir():
         return None
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    stat_key = (str(path.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    files = [(p, p.stat()) for p in sorted(p for p in path.rglob("*") if p.is_file())]
+    stat_key = (str(path.resolve()), tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in files))
     if stat_key in _fingerprints:
         return _fingerprints[stat_key]
     h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
+    for p, st in files:
         h.update(str(p.relative_to(path)).encode() + b"\0" + str(st.st_size).encode() + b"\0")
         with open(p, "rb") as f:
             if st.st_size <= _WHOLE_FILE_LIMIT:
@@ -116,18 +115,9 @@ class BaseImageCache:
         "guidance", as the Sampler reads them)."""
         return [self.get(r[prompt_column], r["seed"], r.get("steps", steps), r.get("guidance", guidance)) for r in rows]
 
-    def lookup(self, rows: list[dict], prompt_column: str, steps: int | None,
-               guidance: float | None) -> list[bytes] | None:
-        """Every row's PNG, or None if any one is missing."""
-        got = self.pngs(rows, prompt_column, steps, guidance)
-        return None if any(p is None for p in got) else got
-
-    def store(self, rows: list[dict], pngs, prompt_column: str, steps: int | None, guidance: float | None) -> int:
-        """Keep each row's PNG; returns how many were new."""
-        new = 0
+    def store(self, rows: list[dict], pngs, prompt_column: str, steps: int | None, guidance: float | None) -> None:
+        """Keep each row's PNG (rows the cache holds already are left as they are)."""
         for r, png in zip(rows, pngs):
             where = (r[prompt_column], r["seed"], r.get("steps", steps), r.get("guidance", guidance))
             if not self._file(*where).exists():
                 self.put(*where, bytes(png))
-                new += 1
-        return new

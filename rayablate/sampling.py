@@ -114,12 +114,8 @@ def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *
         compute=ray.data.ActorPoolStrategy(size=num_actors), **actor_resources(use_gpu))
 
 
-def collect_images(ds, columns, key) -> dict:
-    """{key(row): {column: uint8 NxHxWx3}} of a sampled dataset, each stack in the rows' "idx" order."""
-    return _stacked(_collected(ds, columns, key))
-
-
 def _collected(ds, columns, key) -> dict:
+    """{key(row): {column: {idx: uint8 HxWx3}}} of a sampled dataset."""
     from .images import decode_png
 
     out: dict = {}
@@ -131,16 +127,17 @@ def _collected(ds, columns, key) -> dict:
 
 
 def _stacked(out: dict) -> dict:
+    """{key: {column: uint8 NxHxWx3}}, each stack in the rows' "idx" order."""
     return {k: {c: np.stack([v[i] for i in sorted(v)]) for c, v in d.items()} for k, d in out.items()}
 
 
 def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None], key, *, steps: int | None = None,
                 guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1, batch_size: int = 16,
                 prompt_column: str = "prompt") -> tuple[dict, dict[str, int]]:
-    """`collect_images(sample_dataset(...))`, with the base model's columns (delta None) read from
-    the image cache (rayablate/image_cache.py) row by row, and what had to be drawn kept there. Rows
-    need "seed" and "idx". Returns (images, {column: images served from the cache}); when every
-    column is served whole, no actor starts at all."""
+    """{key(row): {column: uint8 NxHxWx3}} (each stack in the rows' "idx" order) of `sample_dataset`,
+    with the base model's columns (delta None) read from the image cache (rayablate/image_cache.py)
+    row by row, and what had to be drawn kept there. Rows need "seed" and "idx". Returns (images,
+    {column: images served from the cache}); when every column is served whole, no actor starts."""
     from .image_cache import BaseImageCache
     from .images import decode_png, encode_png
 
@@ -159,8 +156,8 @@ def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None]
     for column, pngs in served.items():
         for r, png in zip(rows, pngs):
             out.setdefault(key(r), {}).setdefault(column, {})[int(r["idx"])] = decode_png(png)
-    if cache:
-        for column in (c for c, d in todo.items() if d is None):
-            cache.store(rows, [encode_png(out[key(r)][column][int(r["idx"])]) for r in rows], prompt_column, steps,
-                        guidance)
+    for column in (c for c, d in todo.items() if cache and d is None):
+        drawn = [r for r, png in zip(rows, found[column]) if png is None]
+        cache.store(drawn, [encode_png(out[key(r)][column][int(r["idx"])]) for r in drawn], prompt_column, steps,
+                    guidance)
     return _stacked(out), {c: n for c, n in hits.items() if n}

@@ -314,8 +314,8 @@ def test_the_image_cache_key_follows_the_models_bytes(tmp_path, monkeypatch):
     assert cache.get("a red circle", 3, 20, 4.0) == b"png"
     assert cache.get("a red circle", 4, 20, 4.0) is None and cache.get("a red circle", 3, 10, 4.0) is None
     assert BaseImageCache.for_model(model, use_gpu=True).get("a red circle", 3, 20, 4.0) is None
-    assert cache.lookup([{"prompt": "a red circle", "seed": 3}, {"prompt": "a blue circle", "seed": 3}],
-                        "prompt", 20, 4.0) is None  # one missing: the set is drawn whole
+    assert cache.pngs([{"prompt": "a red circle", "seed": 3}, {"prompt": "a blue circle", "seed": 3}],
+                      "prompt", 20, 4.0) == [b"png", None]  # served row by row: only the missing one is drawn
     monkeypatch.setenv(ENV, "off")
     assert BaseImageCache.for_model(model) is None
 
