@@ -22,18 +22,51 @@ from .images import save_grid
 from .prompts import EvalGroup
 
 
+# Evaluation images are drawn in batches of at most this many rows (balanced across the actors).
+EVAL_BATCH = 32
+
+
+def eval_rows(groups: list[EvalGroup], seed: int) -> list[dict]:
+    """One row per evaluation prompt, in group order: {"group", "prompt", "seed", "idx"}."""
+    return [{"group": g.name, "prompt": p, "seed": S.prompt_seed(seed, i), "idx": i}
+            for g in groups for i, p in enumerate(g.prompts)]
+
+
+def _rows_key(rows: list[dict], steps: int, guidance: float) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps([[r["prompt"], int(r["seed"])] for r in rows] + [int(steps), float(guidance)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def after_image_plan(cfg: AblationConfig, world, num_actors: int) -> dict:
+    """What the training workers draw after training so the evaluation need not (`train.draw_after_images`):
+    the evaluation's prompts and seeds in its row order, its sampler settings and batch size, and a
+    key the evaluation checks the images against."""
+    rows = eval_rows(world.eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed), cfg.eval_seed)
+    return {"prompts": [r["prompt"] for r in rows], "seeds": [r["seed"] for r in rows], "steps": cfg.eval_steps,
+            "guidance": cfg.guidance_scale, "batch_size": S.balanced_batch_size(len(rows), num_actors, EVAL_BATCH),
+            "key": _rows_key(rows, cfg.eval_steps, cfg.guidance_scale)}
+
+
 def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
-                          seed: int, num_actors: int = 1) -> dict[str, dict[str, np.ndarray]]:
+                          seed: int, num_actors: int = 1,
+                          after_images: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{group name: {"before": uint8 NxHxWx3, "after": ...}} through a Ray Data actor pool; the
-    before-images the base-image cache holds are not drawn again (rayablate/image_cache.py)."""
+    before-images the base-image cache holds are not drawn again (rayablate/image_cache.py), nor
+    the after-images the training workers drew with `delta_path` (`after_images`: {"pngs", "key"}
+    of `train.draw_after_images`; used only when its key is these rows' and settings')."""
     from .console import say
 
-    rows = [{"group": g.name, "prompt": p, "seed": S.prompt_seed(seed, i), "idx": i}
-            for g in groups for i, p in enumerate(g.prompts)]
+    rows = eval_rows(groups, seed)
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
+    given = None
+    if after_images and delta_path and after_images.get("key") == _rows_key(rows, cfg.eval_steps, cfg.guidance_scale):
+        given = {"after": after_images["pngs"]}
     images, hits = S.draw_images(rows, model_path, deltas, lambda r: r["group"], steps=cfg.eval_steps,
                                  guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu, num_actors=num_actors,
-                                 batch_size=32)
+                                 batch_size=EVAL_BATCH, given=given)
     if hits.get("before"):
         say(f"[evaluate] {hits['before']} of the {len(rows)} before-images came from the base-image cache")
     return {g.name: images.get(g.name, {}) for g in groups}
@@ -63,8 +96,9 @@ def quick_evaluate(cfg: AblationConfig, model_path: str, delta_path: str, clip_n
 
 def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_name: str, out_dir: str | Path,
              world, train_history: list[dict] | None = None, num_actors: int = 1, seed: int | None = None,
-             extra: dict | None = None) -> dict:
-    """Generate, measure and write metrics.json, report.md, grid.png and loss_curve.png into `out_dir`."""
+             extra: dict | None = None, after_images: dict | None = None) -> dict:
+    """Generate, measure and write metrics.json, report.md, grid.png and loss_curve.png into `out_dir`.
+    `after_images`: after-images the training workers drew with `delta_path` (see `generate_before_after`)."""
     from .clip import ClipScorer
 
     t0 = time.time()
@@ -76,7 +110,7 @@ def evaluate(cfg: AblationConfig, model_path: str, delta_path: str | None, clip_
 
     say(f"[evaluate] generating {sum(len(g.prompts) for g in groups)} prompts x (before, after) "
         f"in {len(groups)} groups")
-    images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors)
+    images = generate_before_after(groups, model_path, delta_path, cfg, seed, num_actors, after_images)
     metrics = M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
     metrics["wall_seconds"] = time.time() - t0
     metrics["config"] = to_dict(cfg)

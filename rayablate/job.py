@@ -312,16 +312,20 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
         stages["edit"] = time.time() - t
     else:
         t = time.time()
+        train_args = dict(run_name=run_name or concept_name(cfg.concept), resume=resume, max_failures=max_failures,
+                          cpus_per_worker=cpus_per_worker, worker_resources=worker_resources,
+                          after_images=_worker_after_images(cfg, models, evaluation, eval_actors or num_actors))
         data_dir, summary = _concept_data(cfg, out, models, user_data, data_dir, clip_threshold, num_actors, log)
         stages["data"] = time.time() - t
         log(f"2/3 training: {cfg.steps} steps, {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, "
             f"{cfg.precision}, group {cfg.param_group}")
         t = time.time()
-        train = run_training(cfg, training_source(data_dir, clip_threshold), models.model_path, str(out),
-                             run_name=run_name or concept_name(cfg.concept), resume=resume,
-                             max_failures=max_failures, cpus_per_worker=cpus_per_worker,
-                             worker_resources=worker_resources)
+        train = run_training(cfg, training_source(data_dir, clip_threshold), models.model_path, str(out), **train_args)
         stages["training"] = time.time() - t
+        drew = (train.get("after_images") or {}).get("seconds", 0.0)
+        if drew:  # the evaluation's after-images, drawn by the workers: evaluation time, not training's
+            stages["training"] -= drew
+            stages["after_images"] = drew
         if train.get("already_trained"):
             log(f"    already trained to step {cfg.steps}: its last checkpoint is the delta (not retrained)")
         else:
@@ -339,6 +343,17 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
     elif evaluation is not None:
         raise ValueError(f"evaluation must be 'full', 'quick' or None, not {evaluation!r}")
     return {"metrics": metrics, "train": train, "data_dir": data_dir, "data": summary}
+
+
+def _worker_after_images(cfg, models: Models, evaluation: str | None, eval_actors: int) -> dict | None:
+    """The after-images the training workers draw for a full evaluation (`train.draw_after_images`),
+    on CPUs only: on GPUs a worker would hold a second pipeline beside its training state, and
+    the evaluation's own actors take whole GPUs anyway. RAYABLATE_WORKER_AFTER_IMAGES=0 turns it off."""
+    if evaluation != "full" or cfg.use_gpu or os.environ.get("RAYABLATE_WORKER_AFTER_IMAGES", "1") == "0":
+        return None
+    from .evaluation import after_image_plan
+
+    return after_image_plan(cfg, models.world, eval_actors)
 
 
 def _closed_form(cfg, out: Path, models: Models, log) -> dict:
@@ -382,11 +397,13 @@ def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict,
     log("2/2 evaluation" if cfg.method == "closed-form" else "3/3 evaluation")
     t = time.time()
     metrics = evaluate(cfg, models.model_path, train["delta_path"], models.clip, out, models.world,
-                       train_history=train["metrics"], num_actors=num_actors,
+                       train_history=train["metrics"], num_actors=num_actors, after_images=train.get("after_images"),
                        extra={"data": summary, "restarts": train["worker_restarts"],
                               "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"],
                               **({"closed_form": train["closed_form"]} if "closed_form" in train else {})})
-    metrics["stage_seconds"] = {**train.get("stage_seconds", {}), "evaluation": time.time() - t}
+    stages = dict(train.get("stage_seconds", {}))
+    drawn = stages.pop("after_images", 0.0)  # the evaluation's images the training workers drew
+    metrics["stage_seconds"] = {**stages, "evaluation": time.time() - t + drawn}
     metrics["wall_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -256,6 +256,18 @@ def save_delta_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike
     return path
 
 
+def delta_digest(path: str | os.PathLike) -> str:
+    """sha256 of a delta file's tensors (names, dtypes, shapes, values) and metadata: equal for equal
+    deltas. (The file's bytes are not: safetensors writes the metadata in a per-process order.)"""
+    tensors, meta = read_delta(path)
+    h = hashlib.sha256(json.dumps(sorted(meta.items())).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a delta file. Only safetensors is read; pickles are refused."""
     from safetensors import safe_open

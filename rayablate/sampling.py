@@ -133,18 +133,22 @@ def _stacked(out: dict) -> dict:
 
 def draw_images(rows: list[dict], model_path: str, deltas: dict[str, str | None], key, *, steps: int | None = None,
                 guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1, batch_size: int = 16,
-                prompt_column: str = "prompt") -> tuple[dict, dict[str, int]]:
+                prompt_column: str = "prompt", given: dict[str, list[bytes]] | None = None) -> tuple[dict, dict[str, int]]:
     """{key(row): {column: uint8 NxHxWx3}} (each stack in the rows' "idx" order) of `sample_dataset`,
     with the base model's columns (delta None) read from the image cache (rayablate/image_cache.py)
-    row by row, and what had to be drawn kept there. Rows need "seed" and "idx". Returns (images,
-    {column: images served from the cache}); when every column is served whole, no actor starts."""
+    row by row, and what had to be drawn kept there. Rows need "seed" and "idx". `given`: {column:
+    one PNG per row} already drawn elsewhere with that column's delta (the training workers'
+    after-images, `train.draw_after_images`): not drawn again. Returns (images, {column: images
+    served from the cache}); when every column is served whole, no actor starts."""
     from .image_cache import BaseImageCache
     from .images import decode_png, encode_png
 
+    given = {c: list(p) for c, p in (given or {}).items() if c in deltas and len(p) == len(rows)}
     cache = BaseImageCache.for_model(model_path, use_gpu) if None in deltas.values() else None
-    found = {c: cache.pngs(rows, prompt_column, steps, guidance) for c, d in deltas.items() if cache and d is None}
+    found = {c: cache.pngs(rows, prompt_column, steps, guidance) for c, d in deltas.items()
+             if cache and d is None and c not in given}
     hits = {c: sum(p is not None for p in got) for c, got in found.items()}
-    served = {c: got for c, got in found.items() if hits[c] == len(rows)}
+    served = {**{c: got for c, got in found.items() if hits[c] == len(rows)}, **given}
     partial = {c: got for c, got in found.items() if 0 < hits[c] < len(rows)}
     todo = {c: d for c, d in deltas.items() if c not in served}
     out = {}

@@ -28,7 +28,7 @@ import torch
 from .config import AblationConfig, config_from_dict, to_dict
 from .files import atomic, write_json
 from .method import TERMS, Ablation, Position, ShardCache, epoch_seed, mean_metrics, step_batches, train_step
-from .pipeline import load_pipeline
+from .pipeline import delta_digest, load_pipeline
 from .resources import cpu_share
 
 DELTA_NAME = "matcher_delta.safetensors"
@@ -357,6 +357,57 @@ class _Worker:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def draw_after_images(self) -> dict | None:
+        """The evaluation's after-images (`config["after_images"]`, `evaluation.after_image_plan`),
+        drawn by every rank once training has finished, so the evaluation starts no sampler of its own
+        (on 2 cores the two sampler actors' start-up and pipeline loads were ~9 s of CPU). Each rank
+        writes the final delta from its synced shadow, exactly as the final checkpoint did, and draws
+        its share of the evaluation's batches through the same `Sampler` the evaluation's actors use.
+        Rank 0 gets {"pngs" (in the plan's order), "key" (the plan's), "delta_digest", "seconds"}; other ranks None.
+        None everywhere when there is no plan or this attempt did not train to the end (a resumed
+        finished run): the evaluation then draws them itself."""
+        plan = self.config.get("after_images")
+        if not plan or self.start_step >= self.cfg.steps or self.pos.step != self.cfg.steps:
+            return None
+        import numpy as np
+
+        from .sampling import Sampler
+
+        t0 = time.time()
+        n, size = len(plan["prompts"]), max(1, int(plan["batch_size"]))
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)][self.rank::self.world]
+        tmp = tempfile.mkdtemp(prefix=f"rayablate-after-r{self.rank}-")
+        try:
+            path = os.path.join(tmp, DELTA_NAME)
+            self.ablation.write_delta(path, self.pos.step)  # the shadow the final checkpoint synced
+            digest = delta_digest(path)
+            sampler = Sampler(self.config["model_path"], {"after": path}, steps=int(plan["steps"]),
+                              guidance=float(plan["guidance"]), use_gpu=self.cfg.use_gpu)
+            mine = {}
+            for idx in batches:
+                out = sampler({"prompt": np.array([plan["prompts"][i] for i in idx], dtype=object),
+                               "seed": np.array([int(plan["seeds"][i]) for i in idx])})
+                mine.update(zip(idx, (bytes(p) for p in out["after"])))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        gathered: list = [(mine, digest)]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (mine, digest))
+        if self.rank != 0:
+            return None
+        pngs: dict = {}
+        for part, _ in gathered:
+            pngs.update(part)
+        if len({d for _, d in gathered}) != 1 or len(pngs) != n:
+            self.log("WARNING: ranks drew after-images from different deltas; the evaluation draws its own")
+            return None
+        seconds = time.time() - t0
+        self.log(f"drew the evaluation's {n} after-images on {self.world} ranks in {seconds:.1f} s")
+        return {"pngs": [pngs[i] for i in range(n)], "key": plan["key"], "delta_digest": digest, "seconds": seconds}
+
     def result(self) -> dict | None:
         """Every rank's replica hash and Ray node id, gathered on all (all_gather_object is a collective)."""
         import ray
@@ -396,7 +447,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     _quiet_deepspeed()
     worker = _Worker(config)
     worker.run()
-    return worker.result()
+    after = worker.draw_after_images()
+    result = worker.result()
+    if result is not None and after is not None:
+        result["after_images"] = after
+    return result
 
 
 # --- driver side --------------------------------------------------------------------------------
@@ -469,19 +524,21 @@ def _raise_worker_error(err: Exception) -> None:
 
 def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str, run_name: str = "ablate",
                  resume: bool = True, *, max_failures: int = 0, cpus_per_worker: float | None = None,
-                 callbacks: list | None = None, worker_resources: dict | None = None, faults=None) -> dict:
+                 callbacks: list | None = None, worker_resources: dict | None = None, faults=None,
+                 after_images: dict | None = None) -> dict:
     """Train the matcher on `train_ds` with Ray Train; write `<output_dir>/matcher_delta.safetensors`.
 
     With `resume`, a run whose `storage_path`/`run_name` folder already holds checkpoints continues
     from its latest one (Ray Train V2 restores a run by name and storage path); without it that
     folder is cleared first. Ray retries node preemptions by itself; `max_failures` counts other
     worker errors to retry (deterministic ones, such as a non-finite loss, would only repeat).
-    `faults`: a `rayablate.faults.Faults` (fault injection; only tests pass one).
+    `faults`: a `rayablate.faults.Faults` (fault injection; only tests pass one). `after_images`:
+    `evaluation.after_image_plan`, drawn by the workers once trained (`_Worker.draw_after_images`).
 
     Returns {"delta_path", "metrics" (history), "metrics_path", "checkpoint_path", "run_path",
     "start_step" (of the last attempt: > 0 when it resumed), "final_step", "wall_s", "worker_restarts",
     "replica_hashes" (one per rank: equal when the matcher replicas agree), "worker_node_ids" (the
-    Ray node id of each rank)}.
+    Ray node id of each rank), "after_images" (the workers' {"pngs", "key", "delta_digest", "seconds"}, or None)}.
     """
     import ray
     from ray.train.v2.api.exceptions import TrainingFailedError
@@ -499,7 +556,7 @@ def run_training(cfg: AblationConfig, train_ds, model_path: str, output_dir: str
 
     board = console.board_cls().remote()  # it also counts the worker group's starts
     extra = {"attempt_counter": board, "faults": faults, "board": board, "verbose": console.is_verbose(),
-             "log_dir": str(output_dir / console.LOG_DIR)}
+             "log_dir": str(output_dir / console.LOG_DIR), "after_images": after_images}
     trainer = make_trainer(cfg, train_ds, model_path, storage, run_name, max_failures=max_failures,
                            cpus_per_worker=cpus_per_worker, callbacks=callbacks, extra_loop_config=extra,
                            worker_resources=worker_resources)
@@ -583,8 +640,12 @@ def _fit_outputs(result, output_dir: Path, wall: float, attempts: int) -> dict:
     with result.checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_NAME).read_text())
         outputs = _copy_outputs(d, output_dir, ret.get("history") or state.get("history", []))
+    after = ret.get("after_images")
+    if after is not None and delta_digest(outputs["delta_path"]) != after["delta_digest"]:
+        after = None  # drawn from another delta than the one the run's checkpoint holds: not used
     return {
         **outputs,
+        "after_images": after,
         "checkpoint_path": result.checkpoint.path,
         "run_path": result.path,
         "start_step": ret.get("start_step"),

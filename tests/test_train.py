@@ -81,8 +81,16 @@ def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
     """An uninterrupted 6-step run on 2 workers with ZeRO-2."""
     from rayablate.train import run_training
 
+    from rayablate.evaluation import after_image_plan
+    from rayablate.toyworld.vocab import ToyWorld
+
     out = tmp_path_factory.mktemp("reference")
-    return run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="reference")
+    plan = after_image_plan(_two_worker_cfg(**EVAL), ToyWorld(), 2)  # the evaluation's after-images, drawn by the workers
+    return run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="reference",
+                        after_images=plan)
+
+
+EVAL = dict(eval_images=2, eval_steps=2)  # the reference run's evaluation: 2 images a group, 2 sampler steps
 
 
 def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path):
@@ -211,6 +219,38 @@ def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_pa
     group = set(group_parameter_names(pipe, "xattn-kv"))
     assert changed, "training changed nothing"
     assert changed <= group, sorted(changed - group)
+
+
+def test_the_workers_after_images_are_the_evaluations_own_and_it_draws_none_itself(reference_run, tiny_sd_path,
+                                                                                    monkeypatch):
+    """Once trained, the two ranks draw the evaluation's after-images from the final delta; the
+    evaluation uses them (its sampler never sees that delta) and they are the pixels its own
+    sampler actors draw. Images for other rows or settings are not used."""
+    import dataclasses
+
+    from rayablate.evaluation import generate_before_after
+    from rayablate.image_cache import ENV
+    from rayablate.pipeline import DeltaError
+    from rayablate.toyworld.vocab import ToyWorld
+
+    monkeypatch.setenv(ENV, "off")
+    after = reference_run["after_images"]
+    cfg = _two_worker_cfg(**EVAL)
+    groups = ToyWorld().eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed)
+    assert after is not None and len(after["pngs"]) == sum(len(g.prompts) for g in groups) == 2 * len(groups)
+    assert after["seconds"] > 0
+    missing = str(Path(reference_run["delta_path"]).with_name("no_such_delta.safetensors"))
+    used = generate_before_after(groups, str(tiny_sd_path), missing, cfg, cfg.eval_seed, after_images=after)
+    drawn = generate_before_after(groups, str(tiny_sd_path), reference_run["delta_path"], cfg, cfg.eval_seed,
+                                  num_actors=2)
+    for g in groups:
+        assert np.array_equal(used[g.name]["after"], drawn[g.name]["after"]), g.name
+        assert np.array_equal(used[g.name]["before"], drawn[g.name]["before"]), g.name
+    assert any(not np.array_equal(drawn[g.name]["after"], drawn[g.name]["before"]) for g in groups)
+    with pytest.raises(Exception, match="no_such_delta") as err:  # other sampler steps: drawn, so the delta is read
+        generate_before_after(groups, str(tiny_sd_path), missing, dataclasses.replace(cfg, eval_steps=3),
+                              cfg.eval_seed, after_images=after)
+    assert "DeltaError" in str(err.value) or isinstance(err.value, DeltaError)
 
 
 def test_a_finished_run_is_not_started_again(reference_run, train_ds, tiny_sd_path):
