@@ -376,8 +376,9 @@ class _Worker:
         t0 = time.time()
         n, size = len(plan["prompts"]), max(1, int(plan["batch_size"]))
         batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)][self.rank::self.world]
+        mine, digest = None, None
         tmp = tempfile.mkdtemp(prefix=f"rayablate-after-r{self.rank}-")
-        try:
+        try:  # a failure here must not fail a finished run: the evaluation then draws them itself
             path = os.path.join(tmp, DELTA_NAME)
             self.ablation.write_delta(path, self.pos.step)  # the shadow the final checkpoint synced
             digest = delta_digest(path)
@@ -388,10 +389,13 @@ class _Worker:
                 out = sampler({"prompt": np.array([plan["prompts"][i] for i in idx], dtype=object),
                                "seed": np.array([int(plan["seeds"][i]) for i in idx])})
                 mine.update(zip(idx, (bytes(p) for p in out["after"])))
+        except Exception as e:
+            self.log(f"WARNING: rank {self.rank} could not draw its after-images ({e})")
+            mine = None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         gathered: list = [(mine, digest)]
-        if self.world > 1:
+        if self.world > 1:  # every rank reaches this collective, failed or not
             import torch.distributed as dist
 
             gathered = [None] * self.world
@@ -400,9 +404,10 @@ class _Worker:
             return None
         pngs: dict = {}
         for part, _ in gathered:
-            pngs.update(part)
-        if len({d for _, d in gathered}) != 1 or len(pngs) != n:
-            self.log("WARNING: ranks drew after-images from different deltas; the evaluation draws its own")
+            pngs.update(part or {})
+        if any(part is None for part, _ in gathered) or len({d for _, d in gathered}) != 1 or len(pngs) != n:
+            self.log("WARNING: the ranks' after-images are incomplete or from different deltas; "
+                     "the evaluation draws its own")
             return None
         seconds = time.time() - t0
         self.log(f"drew the evaluation's {n} after-images on {self.world} ranks in {seconds:.1f} s")

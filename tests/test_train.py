@@ -253,6 +253,21 @@ def test_the_workers_after_images_are_the_evaluations_own_and_it_draws_none_itse
     assert "DeltaError" in str(err.value) or isinstance(err.value, DeltaError)
 
 
+def test_after_images_that_cannot_be_drawn_leave_the_run_finished(ray_session, train_ds, tiny_sd_path, tmp_path):
+    """Drawing the evaluation's images comes after the last checkpoint: its failure on every rank
+    costs the images (the evaluation draws its own), not the trained run."""
+    from rayablate.train import run_training
+
+    plan = {"prompts": ["a red plain circle"] * 4, "seeds": [0, 1, 2, 3], "steps": 2, "guidance": "not a number",
+            "batch_size": 2, "key": "k"}
+    res = run_training(_two_worker_cfg(steps=2, checkpoint_every=2, report_every=2), train_ds, str(tiny_sd_path),
+                       str(tmp_path), run_name="undrawable", after_images=plan)
+    assert res["final_step"] == 2 and Path(res["delta_path"]).exists()
+    assert res["after_images"] is None
+    log = (tmp_path / "logs" / "rank1.log").read_text()
+    assert "rank 1 could not draw its after-images" in log and "not a number" in log
+
+
 def test_a_finished_run_is_not_started_again(reference_run, train_ds, tiny_sd_path):
     """Rerunning a finished run (a rerun job, Tune's last rung) reuses its last checkpoint without a
     worker group; a changed training setting does not."""
