@@ -269,8 +269,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         from .console import say
 
         say(f"[rayablate]     {hits} of the {len(rows)} anchor images came from the base-image cache")
-    if hits:  # the Sampler keeps a row's PNG and draws only the empty ones
-        rows = [dict(r, image=png or b"") for r, png in zip(rows, cached)]
+        rows = [dict(r, image=png or b"") for r, png in zip(rows, cached)]  # the Sampler draws only the empty ones
     if hits == len(rows):
         ds = ray.data.from_items(rows)
     else:

@@ -322,10 +322,7 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
         t = time.time()
         train = run_training(cfg, training_source(data_dir, clip_threshold), models.model_path, str(out), **train_args)
         stages["training"] = time.time() - t
-        drew = (train.get("after_images") or {}).get("seconds", 0.0)
-        if drew:  # the evaluation's after-images, drawn by the workers: evaluation time, not training's
-            stages["training"] -= drew
-            stages["after_images"] = drew
+        stages["training"] -= _after_image_seconds(train)  # the evaluation's images: counted as evaluation
         if train.get("already_trained"):
             log(f"    already trained to step {cfg.steps}: its last checkpoint is the delta (not retrained)")
         else:
@@ -354,6 +351,11 @@ def _worker_after_images(cfg, models: Models, evaluation: str | None, eval_actor
     from .evaluation import after_image_plan
 
     return after_image_plan(cfg, models.world, eval_actors)
+
+
+def _after_image_seconds(train: dict) -> float:
+    """Seconds the training workers spent drawing the evaluation's after-images (0 if they did not)."""
+    return (train.get("after_images") or {}).get("seconds", 0.0)
 
 
 def _closed_form(cfg, out: Path, models: Models, log) -> dict:
@@ -401,9 +403,8 @@ def _full_evaluation(cfg, out: Path, models: Models, train: dict, summary: dict,
                        extra={"data": summary, "restarts": train["worker_restarts"],
                               "train_seconds": train["wall_s"], "worker_node_ids": train["worker_node_ids"],
                               **({"closed_form": train["closed_form"]} if "closed_form" in train else {})})
-    stages = dict(train.get("stage_seconds", {}))
-    drawn = stages.pop("after_images", 0.0)  # the evaluation's images the training workers drew
-    metrics["stage_seconds"] = {**stages, "evaluation": time.time() - t + drawn}
+    evaluation = time.time() - t + _after_image_seconds(train)
+    metrics["stage_seconds"] = {**train.get("stage_seconds", {}), "evaluation": evaluation}
     metrics["wall_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
     return metrics

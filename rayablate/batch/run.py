@@ -297,12 +297,11 @@ def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str
 # --- evaluation of merged / joint models -------------------------------------------------------
 
 def _eval_rows(concepts: list[BatchConcept], groups: dict[str, list]) -> list[dict]:
-    from ..sampling import prompt_seed
+    from ..evaluation import eval_rows
 
-    # the seeds evaluate.generate_before_after uses: the same images as the separate runs' evaluation
-    return [{"concept": c.name, "group": g.name, "idx": i, "prompt": p, "seed": prompt_seed(c.cfg.eval_seed, i),
-             "steps": c.cfg.eval_steps, "guidance": c.cfg.guidance_scale}
-            for c in concepts for g in groups[c.name] for i, p in enumerate(g.prompts)]
+    # the evaluation's own rows and seeds: the same images as the separate runs' evaluation
+    return [dict(r, concept=c.name, steps=c.cfg.eval_steps, guidance=c.cfg.guidance_scale)
+            for c in concepts for r in eval_rows(groups[c.name], c.cfg.eval_seed)]
 
 
 def generate_images(rows: list[dict], model_path: str, delta_path: str | None, num_actors: int = 1,
