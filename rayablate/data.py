@@ -163,11 +163,12 @@ def training_source(path: str | Path, clip_threshold: float | None = None, limit
     return LocalShards(str(path), clip_threshold) if local else read_training_data(path, clip_threshold)
 
 
-def prompt_rows(cfg: AblationConfig, world) -> list[dict]:
-    """Rows to generate: ablation candidates (c*, c) and preservation candidates (c_i, c_i)."""
+def prompt_rows(cfg: AblationConfig, world, exclude=()) -> list[dict]:
+    """Rows to generate: ablation candidates (c*, c) and preservation candidates (c_i, c_i).
+    `exclude`: concepts no caption names, where the world can steer its captions (a batch's joint run)."""
     spec = cfg.concept
-    pairs = world.caption_pairs(spec, cfg.num_anchor_images, cfg.seed)
-    keep = world.preservation_captions(spec, cfg.num_preservation_images, cfg.seed + 1)
+    pairs = world.caption_pairs(spec, cfg.num_anchor_images, cfg.seed, exclude=exclude)
+    keep = world.preservation_captions(spec, cfg.num_preservation_images, cfg.seed + 1, exclude=exclude)
     rows = [{"target_caption": c_star, "anchor_caption": c, "anchor_if_ablated": c} for c_star, c in pairs]
     rows += [{"target_caption": c, "anchor_caption": c, "anchor_if_ablated": world.anchorize(c, spec)} for c in keep]
     for i, r in enumerate(rows):
@@ -243,8 +244,9 @@ def _user_row(r: dict, spec, world, resolution: int, i: int) -> dict:
 
 def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, out_dir: str | Path, world,
                         user_data: str | None = None, num_actors: int = 1, resolution: int = 32,
-                        image_weight: float = 0.0) -> Path:
+                        image_weight: float = 0.0, exclude=()) -> Path:
     """Generate anchor images, join user pairs, compute CLIP masks; write parquet shards to `out_dir`.
+    `exclude`: concepts the generated captions do not name (see `prompt_rows`).
 
     Written to a temporary folder first and renamed at the end, so a failure leaves nothing behind.
     Returns the folder of parquet shards.
@@ -258,7 +260,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     out_dir = Path(out_dir)
     if (out_dir / "_SUCCESS").exists():
         return out_dir
-    rows = prompt_rows(cfg, world)
+    rows = prompt_rows(cfg, world, exclude)
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
     # the frozen model's images drawn before are not drawn again; all of them: no sampler (rayablate/image_cache.py)

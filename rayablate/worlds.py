@@ -19,16 +19,19 @@ class PromptWorld:
     def knows(self, concept: str) -> bool:
         return False
 
-    def caption_pairs(self, spec, n: int, seed: int) -> list[tuple[str, str]]:
-        """`n` (target caption c*, anchor caption c) pairs for the concept."""
+    def caption_pairs(self, spec, n: int, seed: int, exclude=()) -> list[tuple[str, str]]:
+        """`n` (target caption c*, anchor caption c) pairs for the concept. `exclude`: concepts the
+        captions should not name (a batch's other targets, for its joint run); a world that cannot
+        steer its captions ignores it (the joint run re-anchors what they name: `batch.run`)."""
         return P.caption_pairs(spec, n, seed)
 
     def anchorize(self, caption: str, spec) -> str:
         """The caption with the concept replaced by the anchor."""
         return P.anchorize(caption, spec)
 
-    def preservation_captions(self, spec, n: int, seed: int) -> list[str]:
-        """Captions of other things, neighbours first: rows the CLIP mask should leave alone."""
+    def preservation_captions(self, spec, n: int, seed: int, exclude=()) -> list[str]:
+        """Captions of other things, neighbours first: rows the CLIP mask should leave alone.
+        `exclude`: as in `caption_pairs`."""
         return P.preservation_captions(spec, n)
 
     def eval_groups(self, spec, n: int, seed: int) -> list[P.EvalGroup]:

@@ -79,6 +79,33 @@ def test_defaults_overrides_and_neighbours_that_the_batch_removes():
     assert striped.cfg.concept.neighbours == ["dotted"] and striped.dropped_neighbours == ["zorb"]
 
 
+def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
+    from rayablate.batch.merge import names_any
+    from rayablate.config import config_from_dict
+    from rayablate.data import prompt_rows
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld(world="v2")
+    cfg = config_from_dict({"concept": {"target": "wavy", "anchor": "plain", "kind": "style", "neighbours": ["gridded"]},
+                            "num_anchor_images": 64, "num_preservation_images": 64})
+    others = ["tafi", "zorb", "striped", "dotted"]
+    words = [world.concept_words(config_from_dict({"concept": {"target": t, "anchor": "x"}}).concept) for t in others]
+    alone, joint = prompt_rows(cfg, world), prompt_rows(cfg, world, exclude=others)
+    assert len(joint) == len(alone) == 128
+    assert any(names_any(r["target_caption"], words) for r in alone)  # the separate run's rows name them
+    assert not any(names_any(r["target_caption"], words) or names_any(r["anchor_caption"], words) for r in joint)
+    # still wavy's rows: every ablation candidate names wavy and anchors it to plain; neighbours first
+    wavy = [world.concept_words(cfg.concept)]
+    assert all(names_any(r["target_caption"], wavy) and "plain" in r["anchor_caption"] for r in joint[:64])
+    assert sum("gridded" in r["target_caption"] for r in joint[64:96]) == 32
+    # a world that cannot steer its captions ignores `exclude` (the joint run re-anchors its rows)
+    real = config_from_dict({"concept": {"target": "Van Gogh", "anchor": "painting",
+                                         "templates": ["a {} house", "a {} dog"]}})
+    from rayablate.worlds import PromptWorld
+
+    assert prompt_rows(real, PromptWorld(), exclude=["dog"]) == prompt_rows(real, PromptWorld())
+
+
 def test_joint_rows_anchor_every_target_their_anchor_caption_still_names():
     from rayablate.batch.run import _anchor_every_target
     from rayablate.config import ConceptSpec
@@ -176,6 +203,14 @@ def test_a_broken_concept_fails_alone_and_the_others_finish(first_run):
             {"striped": ["dotted"], "zorb": ["square"]}[n])
     assert "van-gogh" not in json.loads((out / "merged" / "merge.json").read_text())["concepts"]
     assert json.loads((out / "joint" / "status.json").read_text())["status"] == "succeeded"
+    # the joint run's rows were made for it: no caption names both targets (each separate run's do)
+    import pyarrow.parquet as pq
+
+    def both(path):
+        caps = pq.read_table(str(path), columns=["target_caption"]).column("target_caption").to_pylist()
+        return sum(("zorb" in c) and any(w in c for w in ("striped", "stripes")) for c in caps)
+
+    assert both(out / "joint" / "rows") == 0 and both(out / "concepts" / "striped" / "data") > 0
     md = (out / "summary.md").read_text()
     assert "van-gogh" in md and "failed" in md and "left out: zorb" in md
     # both good concepts were in flight at once

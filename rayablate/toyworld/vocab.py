@@ -76,17 +76,19 @@ class ToyWorld(PromptWorld):
             out = P._replace_words(out, [w for ws in table.values() for w in ws], self.words(a)[0])[0]
         return out
 
-    def caption_pairs(self, spec, n: int, seed: int) -> list[tuple[str, str]]:
+    def caption_pairs(self, spec, n: int, seed: int, exclude=()) -> list[tuple[str, str]]:
         """The concept's own prompts where it has some; else built-in prompts naming the target (a
-        composition's prompts name every part; a category's name its members in turn)."""
+        composition's prompts name every part; a category's name its members in turn), and none of
+        the world's concepts in `exclude`."""
         text = spec.anchor_kind == "text"
         target = P.target_concept(spec)
         if P.has_own_prompts(spec) or not (self.knows(target) and (self.knows(spec.anchor) or not text)):
-            return super().caption_pairs(spec, n, seed)
+            return super().caption_pairs(spec, n, seed, exclude)
         words = self._word_map(target)
         if spec.synonyms and len(words) == 1:
             words = {v: [*ws, *spec.synonyms] for v, ws in words.items()}
-        prompts = [p for p, _ in self.w.iter_prompts_naming(target, n, seed, words=words)]
+        prompts = [p for p, _ in self.w.iter_prompts_naming(target, n, seed, words=words,
+                                                            exclude=self._known(exclude))]
         if not text:  # the empty prompt, or an anchor image: no anchor caption
             return [(p, "") for p in prompts]
         one = len(self.w.concept_parts(target)[1]) == 1 and len(self.w.concept_parts(spec.anchor)[1]) == 1
@@ -98,7 +100,12 @@ class ToyWorld(PromptWorld):
         prompts and preservation rows come from the world (the caption's from the concept)."""
         return spec.kind == "memorized" and all(self.knows(nb) for nb in spec.neighbours)
 
-    def preservation_captions(self, spec, n: int, seed: int) -> list[str]:
+    def _known(self, concepts) -> list[str]:
+        return [c for c in concepts if self.knows(c)]
+
+    def preservation_captions(self, spec, n: int, seed: int, exclude=()) -> list[str]:
+        """The neighbours' prompts (half), then prompts of anything but the target; none names a
+        concept of `exclude`."""
         target = P.target_concept(spec)
         if self.memorized_here(spec):  # half the neighbours' prompts, half any of the world's captions
             nbs = list(spec.neighbours)
@@ -106,14 +113,16 @@ class ToyWorld(PromptWorld):
                    for p, _ in self.w.iter_prompts_naming(nb, max(1, n // (2 * len(nbs))), seed + 101 + k)]
             return (out + self.w.sample_captions(n - len(out), seed + 7))[:n]
         if not self.knows(target):
-            return super().preservation_captions(spec, n, seed)
+            return super().preservation_captions(spec, n, seed, exclude)
         out = []
         nbs = self._neighbours(spec)
+        avoid = [target, *self._known(exclude)]
         for k, nb in enumerate(nbs):
             if self.knows(nb):
                 out += [p for p, _ in self.w.iter_prompts_naming(nb, max(1, n // (2 * max(1, len(nbs)))),
-                                                                seed + 101 + k, exclude=[target])]
-        out += [p for p, _ in self.w.iter_prompts_not_naming(target, n - len(out), seed + 7)]
+                                                                seed + 101 + k, exclude=avoid)]
+        out += [p for p, _ in self.w.iter_prompts_not_naming(target, n - len(out), seed + 7,
+                                                              exclude=self._known(exclude))]
         return out[:n]
 
     def eval_groups(self, spec, n: int, seed: int) -> list[P.EvalGroup]:

@@ -380,14 +380,15 @@ class WorldDef:
             template = self.templates[rng.integers(len(self.templates))]
             yield self._fill(template, fields["colour"], fields["pattern"], fields["object"]), lab
 
-    def iter_prompts_not_naming(self, concept: str, n: int, seed: int) -> Iterator[tuple[str, Labels]]:
-        """`n` canonical prompts whose labels do not include `concept`."""
+    def iter_prompts_not_naming(self, concept: str, n: int, seed: int,
+                                exclude: Sequence[str] = ()) -> Iterator[tuple[str, Labels]]:
+        """`n` canonical prompts whose labels include neither `concept` nor any of `exclude`."""
         rng = np.random.default_rng(seed)
-        pred = self.concept_predicate(concept)
+        preds = [self.concept_predicate(c) for c in (concept, *exclude)]
         count = 0
         while count < n:
             lab = self.random_labels(rng)
-            if pred(lab):
+            if any(p(lab) for p in preds):
                 continue
             yield self.templates[rng.integers(len(self.templates))].format(
                 colour=lab.colour, pattern=self.pattern_words[lab.pattern][0],
