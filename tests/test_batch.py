@@ -106,6 +106,21 @@ def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
     assert prompt_rows(real, PromptWorld(), exclude=["dog"]) == prompt_rows(real, PromptWorld())
 
 
+def test_an_exclusion_no_caption_can_escape_is_given_up_not_looped_on():
+    from rayablate.toyworld import world as W
+
+    v2 = W.by_name("v2")
+    # "striped zorb" and "zorb" in one batch: every caption of the composition names zorb
+    got = [lab for _, lab in v2.iter_prompts_naming("striped zorb", 4, 0, exclude=["zorb", "dotted"])]
+    assert len(got) == 4 and all(lab.object == "zorb" and lab.pattern == "striped" for lab in got)
+    # every object excluded but the target's: anything but zorb is still drawn, and never zorb
+    objects = [o for o in v2.objects if o != "zorb"]
+    got = [lab for _, lab in v2.iter_prompts_not_naming("zorb", 4, 0, exclude=objects)]
+    assert len(got) == 4 and all(lab.object != "zorb" for lab in got)
+    # a satisfiable exclusion is kept
+    assert all(lab.colour != "red" for _, lab in v2.iter_prompts_not_naming("zorb", 20, 0, exclude=["red"]))
+
+
 def test_joint_rows_anchor_every_target_their_anchor_caption_still_names():
     from rayablate.batch.run import _anchor_every_target
     from rayablate.config import ConceptSpec

@@ -177,6 +177,10 @@ def _draw_mark(img, mark: str, shape: str, xx, yy, cx: float, cy: float, r: floa
 
 # --- a world -------------------------------------------------------------------------------
 
+# Random draws before `exclude` is given up as unsatisfiable (every label it could draw is excluded).
+EXCLUDE_TRIES = 10_000
+
+
 class WorldDef:
     """One toy world: its values, their words, how they are drawn and the prompts over them.
 
@@ -365,10 +369,12 @@ class WorldDef:
         fixed = {self._attribute(v): v for v in parts}
         excluded = [self.concept_predicate(e) for e in exclude]
         for _ in range(n):
-            while True:
+            for _try in range(EXCLUDE_TRIES):
                 lab = dataclasses.replace(self.random_labels(rng), **fixed)
                 if not any(p(lab) for p in excluded):
                     break
+            else:  # no label escapes them ("zorb" excluded from "striped zorb"): exclusion is best effort
+                excluded = []
             fields = {
                 "colour": lab.colour,
                 "pattern": self.pattern_words[lab.pattern][0],
@@ -382,14 +388,19 @@ class WorldDef:
 
     def iter_prompts_not_naming(self, concept: str, n: int, seed: int,
                                 exclude: Sequence[str] = ()) -> Iterator[tuple[str, Labels]]:
-        """`n` canonical prompts whose labels include neither `concept` nor any of `exclude`."""
+        """`n` canonical prompts whose labels include neither `concept` nor, where any label escapes
+        them, any of `exclude` (best effort, as in `iter_prompts_naming`)."""
         rng = np.random.default_rng(seed)
         preds = [self.concept_predicate(c) for c in (concept, *exclude)]
-        count = 0
+        count = misses = 0
         while count < n:
             lab = self.random_labels(rng)
             if any(p(lab) for p in preds):
+                misses += 1
+                if misses == EXCLUDE_TRIES:
+                    preds = preds[:1]
                 continue
+            misses = 0
             yield self.templates[rng.integers(len(self.templates))].format(
                 colour=lab.colour, pattern=self.pattern_words[lab.pattern][0],
                 object=self.object_words[lab.object][0]), lab
