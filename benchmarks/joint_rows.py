@@ -62,7 +62,7 @@ def cached_images(pipe, cache, prompts, seeds, steps, guidance):
 
 def concept_rows(pipe, cache, cfg, world, clip, exclude):
     """The concept's training rows as the Ray data stage makes them (prompts, seeds, CLIP mask)."""
-    from rayablate.data import ClipMasker, prompt_rows
+    from rayablate.data import ClipMasker, masker_kwargs, prompt_rows
     from rayablate.images import encode_png
     from rayablate.method import columns_of
 
@@ -70,8 +70,7 @@ def concept_rows(pipe, cache, cfg, world, clip, exclude):
     imgs = cached_images(pipe, cache, [r["anchor_caption"] for r in rows], [r["seed"] for r in rows],
                          cfg.anchor_steps, cfg.guidance_scale)
     cols = columns_of([dict(r, image=encode_png(im)) for r, im in zip(rows, imgs)])
-    return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold, guard=world.mask_guard(cfg.concept),
-                      protect=world.mask_protect(cfg.concept))(cols)
+    return ClipMasker(**masker_kwargs(cfg, world, clip))(cols)
 
 
 def joint_rows(rule, batch, pipe, cache, world, clip, log):

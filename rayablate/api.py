@@ -135,8 +135,7 @@ def _progress(total: int, desc: str, show: bool):
 def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = True) -> dict[str, np.ndarray]:
     """The job's training rows, made in this process: anchor images from `pipe` (the same prompts,
     seeds and batches of 16 as the Ray Data sampler), CLIP masks at the config's threshold."""
-    from .data import ClipMasker, prompt_rows
-    from .memorized import replica_filter
+    from .data import ClipMasker, masker_kwargs, prompt_rows
     from .method import columns_of
     from .sampling import Sampler
 
@@ -150,8 +149,7 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
         bar.update(len(parts[-1]["seed"]))
     bar.close()
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return ClipMasker(clip, world.mask_texts(cfg.concept), cfg.clip_threshold, guard=world.mask_guard(cfg.concept),
-                      replicas=replica_filter(cfg.concept), protect=world.mask_protect(cfg.concept))(columns)
+    return ClipMasker(**masker_kwargs(cfg, world, clip))(columns)
 
 
 def ablate(pipe, concept: ConceptSpec, *, steps: int | None = None, config: AblationConfig | None = None,

@@ -81,6 +81,17 @@ class ClipMasker:
         return apply_threshold(batch, self.threshold)
 
 
+def masker_kwargs(cfg: AblationConfig, world, clip_name: str, image_weight: float = 0.0) -> dict:
+    """`ClipMasker`'s arguments for a concept: what the Ray data stage, the in-process API
+    (`api.training_rows`) and benchmarks mask its rows with."""
+    from .memorized import replica_filter
+
+    spec = cfg.concept
+    return dict(clip_name=clip_name, concept_texts=world.mask_texts(spec), threshold=cfg.clip_threshold,
+                image_weight=image_weight, guard=world.mask_guard(spec), replicas=replica_filter(spec),
+                protect=world.mask_protect(spec))
+
+
 def apply_threshold(batch: dict, threshold: float) -> dict:
     """mask = clip_sim > threshold. Rows the mask leaves out are preservation rows: their anchor
     caption is their own caption. Shards keep clip_sim and anchor_if_ablated, so this re-masks
@@ -254,7 +265,6 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     import ray
 
     from .image_cache import BaseImageCache
-    from .memorized import replica_filter
     from .sampling import sample_dataset
 
     out_dir = Path(out_dir)
@@ -280,11 +290,8 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
                             batch_size=16)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
-    ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=dict(
-        clip_name=clip_name, concept_texts=world.mask_texts(cfg.concept), threshold=cfg.clip_threshold,
-        image_weight=image_weight, guard=world.mask_guard(cfg.concept), replicas=replica_filter(cfg.concept),
-        protect=world.mask_protect(cfg.concept)),
-        batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
+    ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=masker_kwargs(cfg, world, clip_name, image_weight),
+                        batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)
     if cache is not None and hits < len(rows):
