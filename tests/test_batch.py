@@ -61,10 +61,39 @@ def test_batch_file_errors_name_the_concept_and_field():
     data = _batch(max_concurrent=0)
     with pytest.raises(ConfigError, match=r"^batch\.max_concurrent"):
         batch_from_dict(data)
+    data = _batch(joint_overrides={"steps": 0})  # the joint run's config is checked before anything runs
+    with pytest.raises(ConfigError, match=r"^batch\.joint_overrides\.steps"):
+        batch_from_dict(data)
+    data = _batch(check_min_kept=95)  # a rate, not a percentage
+    with pytest.raises(ConfigError, match=r"^batch\.check_min_kept: expected a rate between 0 and 1"):
+        batch_from_dict(data)
     data = _batch()
     data["concepts"].append({"concept": {"target": "striped", "anchor": "plain"}, "seed": 3})
     with pytest.raises(ConfigError, match=r"^concepts\[3\]\.concept\.target: 'striped' is already"):
         batch_from_dict(data)
+
+
+def test_the_batch_check_uses_the_batch_files_bar_and_names_the_batch_model():
+    from rayablate.batch.report import acceptance, batch_model
+
+    def row(name, variants):
+        return {"name": name, "status": "succeeded", "variants": {
+            v: {"target_after": t, "neighbours": {"kubo": {"kept": k}}} for v, (t, k) in variants.items()}}
+
+    rows = [row("zorb", {"merged": (0.12, 0.62), "joint": (0.06, 1.0)}),
+            row("vell", {"merged": (0.0, 1.0), "joint": (0.0, 0.94)})]
+    loose = {v: acceptance(rows, v) for v in ("merged", "joint")}
+    strict = {v: acceptance(rows, v, 0.05, 0.95) for v in ("merged", "joint")}
+    assert [loose[v]["passed"] for v in ("merged", "joint")] == [False, True]
+    assert strict["joint"]["failures"] == ["zorb: target 0.06", "vell: neighbour kubo kept 0.94"]
+    m = batch_model({"output_dir": "/o", "acceptance": loose})
+    assert (m["variant"], m["passed"], m["delta"]) == ("joint", True, "/o/joint/matcher_delta.safetensors")
+    # neither passes: two misses each (merged twice on zorb, joint once on each concept), so the joint;
+    # with more misses the joint loses to the merged model
+    m = batch_model({"output_dir": "/o", "acceptance": strict})
+    assert (m["variant"], m["passed"], m["misses"]) == ("joint", False, 2)
+    strict["joint"]["failures"] += ["x", "y"]
+    assert batch_model({"output_dir": "/o", "acceptance": strict})["variant"] == "merged"
 
 
 def test_defaults_overrides_and_neighbours_that_the_batch_removes():
@@ -254,3 +283,20 @@ def test_a_second_run_redoes_nothing_that_finished(first_run, models):
     assert rows["striped"]["skipped"] and rows["zorb"]["skipped"]
     assert rows["van-gogh"]["status"] == "failed"  # tried again: it had not finished
     assert took < first_run["seconds"] / 3, (took, first_run["seconds"])
+
+
+@pytest.mark.slow
+def test_a_changed_joint_config_trains_the_joint_model_again(first_run, models):
+    from rayablate.batch import batch_from_dict, run_batch
+
+    out = first_run["out"]
+    delta = out / "joint" / "matcher_delta.safetensors"
+    old = delta.read_bytes()
+    lines = []
+    run_batch(batch_from_dict(_batch(joint_overrides={"steps": 3})), out, models, progress=lines.append)
+    text = "\n".join(lines)
+    assert "joint: its config changed since it was trained; training again" in text, text
+    assert "striped: already finished, skipped" in text and "merge: already done, skipped" in text
+    assert "joint evaluation: already done, skipped" not in text  # a new joint model is evaluated again
+    assert json.loads((out / "joint" / "status.json").read_text())["steps"] == 3
+    assert delta.read_bytes() != old

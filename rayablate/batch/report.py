@@ -55,6 +55,27 @@ def acceptance(rows: list[dict], variant: str, max_target: float = 0.10, min_kep
             "min_neighbour_kept": min_kept, "concepts": len(ok), "failed_concepts_left_out": len(rows) - len(ok)}
 
 
+# Where each single-model variant's delta lies, relative to the batch's output folder.
+COMBINED_DELTAS = {"joint": "joint/matcher_delta.safetensors", "merged": "merged/merged_delta.safetensors"}
+
+
+def batch_model(s: dict) -> dict | None:
+    """The batch's one model with every concept removed: the joint or the merged model (never the
+    naive sum, a baseline), the one whose check passes, else the one with fewer misses; joint on a tie
+    (it is trained on every concept's rows, the merge only solves for each edit's captions)."""
+    checked = {v: a for v, a in s["acceptance"].items() if v in COMBINED_DELTAS and a["checked"]}
+    if not checked:
+        return None
+    v = min(checked, key=lambda v: (not checked[v]["passed"], len(checked[v]["failures"]), v != "joint"))
+    return {"variant": v, "delta": str(Path(s["output_dir"]) / COMBINED_DELTAS[v]), "passed": checked[v]["passed"],
+            "misses": len(checked[v]["failures"])}
+
+
+def model_line(m: dict) -> str:
+    return (f"one model with every concept removed: **{m['variant']}** ({m['delta']}), check "
+            + ("PASS" if m["passed"] else f"MISS ({m['misses']} misses)"))
+
+
 def write_summary(batch: Batch, out: Path, statuses: dict[str, dict], variants: dict[str, dict[str, dict]],
                   extra: dict) -> dict:
     rows = []
@@ -74,7 +95,9 @@ def write_summary(batch: Batch, out: Path, statuses: dict[str, dict], variants: 
     summary = {"batch": batch.source, "output_dir": str(out), "metric": key or "concept_rate",
                "variants": [v for v in VARIANTS if v in variants],
                "concepts": rows, **extra,
-               "acceptance": {v: acceptance(rows, v) for v in VARIANTS if v in variants}}
+               "acceptance": {v: acceptance(rows, v, batch.settings.check_max_target, batch.settings.check_min_kept)
+                              for v in VARIANTS if v in variants}}
+    summary["model"] = batch_model(summary)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
     return summary
@@ -99,8 +122,13 @@ def summary_markdown(s: dict) -> str:
         lines += ["", "## Failed concepts", ""]
         lines += [f"- **{r['name']}**: {r['status']}: {(r['error'] or '').splitlines()[0] if r['error'] else ''}"
                   for r in failed]
-    lines += ["", "## Acceptance (target rate ≤ 10 %, every neighbour keeps ≥ 85 % of its before-rate)", ""]
+    a = next(iter(s["acceptance"].values()), {})
+    bar = (f"target rate ≤ {a['max_target_rate']:.2f}, every neighbour keeps ≥ {pct(a['min_neighbour_kept'])} "
+           "of its before-rate" if a.get("checked") else "not checked")
+    lines += ["", f"## Acceptance ({bar}; `batch.check_max_target`, `batch.check_min_kept`)", ""]
     lines += _acceptance_lines(s)
+    if s.get("model"):
+        lines += ["", "## The batch's model", "", model_line(s["model"])]
     if s.get("merge"):
         lines += _merge_lines(s["merge"])
     if s.get("joint"):

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..files import atomic, write_json, write_text
 from ..prompts import anchor_label
 from ..resources import cpu_share
 from .merge import merge_batch, names_any
-from .report import console_table, write_summary
+from .report import console_table, model_line, write_summary
 from .spec import STATUS_NAME, Batch, BatchConcept, joint_config
 
 
@@ -179,19 +180,22 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     jdir = out / "joint"
     jdir.mkdir(parents=True, exist_ok=True)
     st_path = jdir / STATUS_NAME
+    cfg = joint_config(batch, names)
     if st_path.exists():
         st = json.loads(st_path.read_text())
         if st.get("status") == "succeeded" and st.get("concepts") == names \
                 and st.get("rows_rule") == JOINT_ROWS_RULE and (jdir / "matcher_delta.safetensors").exists():
-            progress("[batch] joint: already trained, skipped")
-            return dict(st, skipped=True)
+            if _same_config(jdir / "config.yaml", cfg):
+                progress("[batch] joint: already trained, skipped")
+                return dict(st, skipped=True)
+            # joint_overrides changed (steps, w_pres, ...): same rows, new training from scratch
+            progress("[batch] joint: its config changed since it was trained; training again")
+            shutil.rmtree(jdir / "ray", ignore_errors=True)
     t0 = time.time()
     try:
-        cfg = joint_config(batch, names)
         save_config(cfg, jdir / "config.yaml")
         if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows"):
-            import shutil  # rows of an older rule: neither its data nor the checkpoints trained on them are reused
-
+            # rows of an older rule: neither its data nor the checkpoints trained on them are reused
             shutil.rmtree(jdir / "ray", ignore_errors=True)
             shutil.rmtree(jdir / "data", ignore_errors=True)
         dirs = _joint_sources(batch, out, models, names, num_actors, progress)
@@ -211,6 +215,15 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         progress(f"[batch] joint: failed -- {st['error'].splitlines()[0]}")
     write_json(st_path, st)
     return dict(st, skipped=False)
+
+
+def _same_config(path: Path, cfg) -> bool:
+    """Whether the config saved at `path` (a finished joint run's) is `cfg`, field for field."""
+    import yaml
+
+    if not path.exists():
+        return False
+    return yaml.safe_load(path.read_text()) == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors: int,
@@ -250,8 +263,6 @@ JOINT_ROWS_RULE = "names-no-other-target/anchors-every-target/converts-preservat
 
 def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) -> Path:
     """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete)."""
-    import shutil
-
     import ray
 
     from ..data import write_shards
@@ -548,5 +559,7 @@ def run_batch(batch: Batch, output_dir: str | Path, models=None, num_actors: int
     extra["timing"] = timing
     summary = write_summary(batch, out, statuses, variants, extra)
     progress(console_table(summary))
+    if summary.get("model"):
+        progress(f"[batch] {model_line(summary['model'])}")
     progress(f"[batch] summary: {out / 'summary.md'}, {out / 'summary.json'}")
     return summary

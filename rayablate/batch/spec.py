@@ -13,6 +13,8 @@ The batch YAML:
       evaluate_sum: true        # evaluate the naive sum too
       joint: true               # one training run over every concept's rows
       joint_overrides: {}       # AblationConfig fields of the joint run (e.g. steps)
+      check_max_target: 0.10    # the summary's check: every target rate after <= this
+      check_min_kept: 0.85      # ... and every neighbour keeps >= this fraction of its before-rate
     defaults: {...}             # AblationConfig fields every concept starts from
     concepts:
       - concept: {target: striped, anchor: plain, kind: style, neighbours: [checkered]}
@@ -47,6 +49,8 @@ class BatchSettings:
     evaluate_sum: bool = True
     joint: bool = True
     joint_overrides: dict = dataclasses.field(default_factory=dict)
+    check_max_target: float = 0.10
+    check_min_kept: float = 0.85
 
 
 @dataclasses.dataclass
@@ -106,6 +110,10 @@ def _settings(data: Any) -> BatchSettings:
                                         f"got {v!r}")
             else:
                 v = float(v)
+        elif k in ("check_max_target", "check_min_kept"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(path, f"expected a rate between 0 and 1, got {v!r}")
+            v = float(v)
         elif k == "merge_prior":
             if v not in ("sum", "base"):
                 raise ConfigError(path, f"expected 'sum' or 'base', got {v!r}")
@@ -149,7 +157,10 @@ def batch_from_dict(data: dict, overrides: dict[str, Any] | None = None,
     concepts = _concepts(data.get("concepts"), defaults, flat)
     targets = _check_unique(concepts)
     _drop_batch_targets(concepts, targets)
-    return Batch(settings, defaults, concepts, source)
+    batch = Batch(settings, defaults, concepts, source)
+    if settings.joint:
+        joint_config(batch, [c.name for c in concepts])  # a bad joint_overrides field fails here, before anything runs
+    return batch
 
 
 def _concepts(entries: Any, defaults: dict, flat: dict) -> list[BatchConcept]:
