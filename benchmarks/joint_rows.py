@@ -13,7 +13,10 @@ evaluation prompts and seeds, printed side by side:
   tafi" among wavy's), so most rows become ablation rows to a plain shape.
 - **exclusive**: rows generated for the joint run with captions that name no other target of the
   batch (`prompt_rows(..., exclude=)`), then re-anchored the same way (a no-op on the toy world). The
-  batch's rule now (`batch.run._joint_sources`).
+  batch's rule in session 23.
+- **compositions**: the exclusive rows plus, per concept, the first `--compositions` K ablation rows
+  of its own rows that also name another target (`batch.run.composition_rows`), re-anchored ("a red
+  checkered zeph" -> "a red plain diamond"). The batch's rule with `batch.joint_compositions: K`.
 
 Each concept is measured on its own groups (target, anchor, neighbours, descriptive paraphrases) and
 the whole world on every named concept the batch keeps (prompts that name it and no removed
@@ -38,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RULES = ("separate", "exclusive")
+RULES = ("separate", "exclusive", "compositions")
 BAR_TARGET, BAR_KEPT = 0.05, 0.95
 
 
@@ -73,18 +76,25 @@ def concept_rows(pipe, cache, cfg, world, clip, exclude):
     return ClipMasker(**masker_kwargs(cfg, world, clip))(cols)
 
 
-def joint_rows(rule, batch, pipe, cache, world, clip, log):
-    from rayablate.batch.run import _anchor_every_target
+def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
+    from rayablate.batch.run import _anchor_every_target, composition_rows
 
     specs = [c.cfg.concept for c in batch.concepts]
     targets = [s.target for s in specs]
     words = [world.concept_words(s) for s in specs]
     out = []
+
+    def as_rows(cols):
+        return [{k: v[i] for k, v in cols.items()} for i in range(len(cols["seed"]))]
+
     for c in batch.concepts:
-        others = [t for t in targets if t != c.cfg.concept.target] if rule == "exclusive" else []
-        cols = concept_rows(pipe, cache, c.cfg, world, clip, others)
-        out += [_anchor_every_target({k: v[i] for k, v in cols.items()}, world, specs, words)
-                for i in range(len(cols["seed"]))]
+        others = [t for t in targets if t != c.cfg.concept.target] if rule != "separate" else []
+        rows = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, others))
+        if rule == "compositions":
+            own = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, []))
+            rows += composition_rows(own, [w for t, w in zip(targets, words) if t != c.cfg.concept.target],
+                                     compositions)
+        out += [_anchor_every_target(r, world, specs, words) for r in rows]
     order = np.random.default_rng(0).permutation(len(out))
     log(f"{rule}: {len(out)} rows, {sum(int(r['mask']) for r in out)} of them ablation rows")
     return [out[i] for i in order]
@@ -137,6 +147,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="joint steps (default: the batch's joint steps)")
     ap.add_argument("--images", type=int, default=16, help="images per evaluation group (and per kept concept)")
     ap.add_argument("--rules", default=",".join(RULES), help=f"row rules to compare, of {', '.join(RULES)}")
+    ap.add_argument("--compositions", type=int, default=None,
+                    help="composition rows per concept for the compositions rule (default: the batch's "
+                         "joint_compositions, else 4)")
     ap.add_argument("--output-dir", default="outputs/joint_rows")
     args = ap.parse_args()
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
@@ -176,7 +189,8 @@ def main() -> int:
     log("before-images measured")
     results = {}
     for rule in rules:
-        rows = joint_rows(rule, batch, base, cache, world, models.clip, log)
+        rows = joint_rows(rule, batch, base, cache, world, models.clip, log,
+                          args.compositions if args.compositions is not None else batch.settings.joint_compositions or 4)
         t = time.time()
         delta = ablate_rows(base, cfg, columns_of(rows), world, progress=False)
         train_s = time.time() - t

@@ -23,7 +23,8 @@ TINY = {"steps": 2, "num_workers": 1, "batch_size": 4, "num_anchor_images": 8, "
 
 def _batch(**settings):
     return {
-        "batch": {"max_concurrent": 2, "evaluate_sum": False, "joint_overrides": {"steps": 2}, **settings},
+        "batch": {"max_concurrent": 2, "evaluate_sum": False, "joint_overrides": {"steps": 2}, "joint_compositions": 1,
+                  **settings},
         "defaults": dict(TINY),
         "concepts": [
             {"concept": {"target": "striped", "anchor": "plain", "kind": "style", "neighbours": ["dotted", "zorb"]}},
@@ -63,6 +64,9 @@ def test_batch_file_errors_name_the_concept_and_field():
         batch_from_dict(data)
     data = _batch(joint_overrides={"steps": 0})  # the joint run's config is checked before anything runs
     with pytest.raises(ConfigError, match=r"^batch\.joint_overrides\.steps"):
+        batch_from_dict(data)
+    data = _batch(joint_compositions=-1)
+    with pytest.raises(ConfigError, match=r"^batch\.joint_compositions: expected an integer >= 0"):
         batch_from_dict(data)
     data = _batch(check_min_kept=95)  # a rate, not a percentage
     with pytest.raises(ConfigError, match=r"^batch\.check_min_kept: expected a rate between 0 and 1"):
@@ -133,6 +137,30 @@ def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
     from rayablate.worlds import PromptWorld
 
     assert prompt_rows(real, PromptWorld(), exclude=["dog"]) == prompt_rows(real, PromptWorld())
+
+
+def test_composition_rows_are_the_first_ablation_rows_that_name_another_target():
+    from rayablate.batch.run import _anchor_every_target, composition_rows
+    from rayablate.config import config_from_dict
+    from rayablate.data import prompt_rows
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld(world="v2")
+    specs = [config_from_dict({"concept": c}).concept for c in (
+        {"target": "zeph", "anchor": "diamond", "kind": "instance", "neighbours": ["kubo"]},
+        {"target": "checkered", "anchor": "plain", "kind": "style"}, {"target": "wavy", "anchor": "plain", "kind": "style"})]
+    words = [world.concept_words(s) for s in specs]
+    cfg = config_from_dict({"concept": {"target": "zeph", "anchor": "diamond", "kind": "instance",
+                                        "neighbours": ["kubo"]}, "num_anchor_images": 64})
+    rows = [dict(r, mask=int(r["target_caption"] != r["anchor_caption"])) for r in prompt_rows(cfg, world)]
+    picked = composition_rows(list(reversed(rows)), words[1:], 5)
+    assert len(picked) == 5 and [r["seed"] for r in picked] == sorted(r["seed"] for r in picked)
+    assert all(r["mask"] and "zeph" in r["target_caption"] for r in picked)
+    assert all(any(w in r["target_caption"] for w in ("checkered", "checks", "wavy", "waves")) for r in picked), picked
+    # re-anchored for the joint run, the composition goes to the plain shape: both targets removed
+    anchored = [_anchor_every_target(r, world, specs, words)["anchor_caption"] for r in picked]
+    assert all("diamond" in a and "plain" in a and "checkered" not in a and "wavy" not in a for a in anchored), anchored
+    assert composition_rows(rows, words[1:], 0) == [] and composition_rows(rows, [], 5) == []
 
 
 def test_an_exclusion_no_caption_can_escape_is_given_up_not_looped_on():
@@ -247,14 +275,21 @@ def test_a_broken_concept_fails_alone_and_the_others_finish(first_run):
             {"striped": ["dotted"], "zorb": ["square"]}[n])
     assert "van-gogh" not in json.loads((out / "merged" / "merge.json").read_text())["concepts"]
     assert json.loads((out / "joint" / "status.json").read_text())["status"] == "succeeded"
-    # the joint run's rows were made for it: no caption names both targets (each separate run's do)
+    # the joint run's rows were made for it: its captions name no other target (each separate run's
+    # do), but for `joint_compositions` (1) ablation row of each concept's own that names both,
+    # re-anchored to neither
     import pyarrow.parquet as pq
 
     def both(path):
-        caps = pq.read_table(str(path), columns=["target_caption"]).column("target_caption").to_pylist()
-        return sum(("zorb" in c) and any(w in c for w in ("striped", "stripes")) for c in caps)
+        rows = pq.read_table(str(path), columns=["target_caption", "anchor_caption", "mask"]).to_pylist()
+        return [r for r in rows if "zorb" in r["target_caption"]
+                and any(w in r["target_caption"] for w in ("striped", "stripes"))]
 
-    assert both(out / "joint" / "rows") == 0 and both(out / "concepts" / "striped" / "data") > 0
+    assert len(both(out / "concepts" / "striped" / "data")) >= 1
+    comps = both(out / "joint" / "rows")
+    assert 1 <= len(comps) <= 2, comps
+    assert all(r["mask"] == 1 and "zorb" not in r["anchor_caption"] and "stripe" not in r["anchor_caption"]
+               for r in comps), comps
     md = (out / "summary.md").read_text()
     assert "van-gogh" in md and "failed" in md and "left out: zorb" in md
     # both good concepts were in flight at once

@@ -184,7 +184,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     if st_path.exists():
         st = json.loads(st_path.read_text())
         if st.get("status") == "succeeded" and st.get("concepts") == names \
-                and st.get("rows_rule") == JOINT_ROWS_RULE and (jdir / "matcher_delta.safetensors").exists():
+                and st.get("rows_rule") == joint_rows_rule(batch) and (jdir / "matcher_delta.safetensors").exists():
             if _same_config(jdir / "config.yaml", cfg):
                 progress("[batch] joint: already trained, skipped")
                 return dict(st, skipped=True)
@@ -194,12 +194,13 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     t0 = time.time()
     try:
         save_config(cfg, jdir / "config.yaml")
-        if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows"):
+        if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows", joint_rows_rule(batch)):
             # rows of an older rule: neither its data nor the checkpoints trained on them are reused
             shutil.rmtree(jdir / "ray", ignore_errors=True)
             shutil.rmtree(jdir / "data", ignore_errors=True)
         dirs = _joint_sources(batch, out, models, names, num_actors, progress)
-        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed)
+        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed,
+                               joint_rows_rule(batch))
         summ = data_summary(rows_dir)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
@@ -207,7 +208,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
                             evaluation=None, log=lambda msg: progress(f"[batch:joint] {msg}"))["train"]
         st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
-              "rows_rule": JOINT_ROWS_RULE,
+              "rows_rule": joint_rows_rule(batch),
               "train_seconds": train["wall_s"], "wall_s": time.time() - t0}
     except Exception as e:  # noqa: BLE001
         st = {"status": "failed", "error": _error(e), "concepts": names,
@@ -254,20 +255,59 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         dirs.append(str(build_training_data(cfg, models.model_path, models.clip, out / "joint" / "data" / n,
                                             models.world, num_actors=num_actors, resolution=res,
                                             exclude=others)))
+        if batch.settings.joint_compositions and (own / "_SUCCESS").exists():
+            words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
+            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{batch.settings.joint_compositions}",
+                                 words, batch.settings.joint_compositions)
+            dirs += [comp] if comp else []
     return dirs
 
 
 # How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
-JOINT_ROWS_RULE = "names-no-other-target/anchors-every-target/converts-preservation"
+JOINT_ROWS_RULE = "names-no-other-target+{k}-compositions/anchors-every-target/converts-preservation"
 
 
-def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) -> Path:
+def joint_rows_rule(batch: Batch) -> str:
+    return JOINT_ROWS_RULE.format(k=batch.settings.joint_compositions)
+
+
+def composition_rows(rows: list[dict], other_words: list[list[str]], k: int) -> list[dict]:
+    """The first `k` ablation rows (by seed) whose caption also names another target of the batch
+    ("a red checkered zeph" among zeph's own rows): re-anchored (`_anchor_every_target`) they teach
+    the joint matcher the compositions of removed concepts, which rows that name no other target
+    never show ("a red checkered zeph" -> "a red plain diamond")."""
+    picked = [r for r in sorted(rows, key=lambda r: int(r["seed"]))
+              if int(r["mask"]) and names_any(str(r["target_caption"]), other_words)]
+    return picked[:k]
+
+
+def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int) -> str | None:
+    """`composition_rows` of a separate run's shards, written once to `dest`; None when there are none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not (dest / "_SUCCESS").exists():
+        table = pq.read_table(str(own))
+        picked = composition_rows([dict(r, i=i) for i, r in enumerate(
+            table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if picked:
+            pq.write_table(table.take(pa.array([r["i"] for r in picked])), str(tmp / "part-0.parquet"))
+        (tmp / "_SUCCESS").write_text("ok\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return str(dest) if any(dest.glob("*.parquet")) else None
+
+
+def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int, rule: str) -> Path:
     """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete)."""
     import ray
 
     from ..data import write_shards
 
-    if (rows_dir / "_SUCCESS").exists() and _rows_made_by_rule(rows_dir):
+    if (rows_dir / "_SUCCESS").exists() and _rows_made_by_rule(rows_dir, rule):
         return rows_dir
     shutil.rmtree(rows_dir, ignore_errors=True)
     ds = None
@@ -288,7 +328,7 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int) 
     # by tafi's dropped rows) to 0.62; both together: worst target 0.12, mean 0.02, worst kept 0.88.
     ds = ds.map(lambda r: _anchor_every_target(r, world, specs, all_words))
     write_shards(ds.random_shuffle(seed=seed), rows_dir)
-    _rule_file(rows_dir).write_text(JOINT_ROWS_RULE)
+    _rule_file(rows_dir).write_text(rule)
     return rows_dir
 
 
@@ -296,9 +336,9 @@ def _rule_file(rows_dir: Path) -> Path:
     return rows_dir.parent / f"{rows_dir.name}.rule"  # beside the shards: readers take every file in rows_dir
 
 
-def _rows_made_by_rule(rows_dir: Path) -> bool:
-    rule = _rule_file(rows_dir)
-    return rule.exists() and rule.read_text() == JOINT_ROWS_RULE
+def _rows_made_by_rule(rows_dir: Path, rule: str) -> bool:
+    f = _rule_file(rows_dir)
+    return f.exists() and f.read_text() == rule
 
 
 def _anchor_every_target(row: dict, world, specs: list, all_words: list[list[str]]) -> dict:

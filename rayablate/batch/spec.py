@@ -13,6 +13,7 @@ The batch YAML:
       evaluate_sum: true        # evaluate the naive sum too
       joint: true               # one training run over every concept's rows
       joint_overrides: {}       # AblationConfig fields of the joint run (e.g. steps)
+      joint_compositions: 0     # per concept: ablation rows of its separate run that also name another target
       check_max_target: 0.10    # the summary's check: every target rate after <= this
       check_min_kept: 0.85      # ... and every neighbour keeps >= this fraction of its before-rate
     defaults: {...}             # AblationConfig fields every concept starts from
@@ -49,6 +50,7 @@ class BatchSettings:
     evaluate_sum: bool = True
     joint: bool = True
     joint_overrides: dict = dataclasses.field(default_factory=dict)
+    joint_compositions: int = 0
     check_max_target: float = 0.10
     check_min_kept: float = 0.85
 
@@ -95,7 +97,7 @@ def _settings(data: Any) -> BatchSettings:
         path = f"batch.{k}"
         if k not in fields:
             raise ConfigError(path, f"unknown key; allowed: {', '.join(sorted(fields))}")
-        if k in ("max_concurrent", "max_failures"):
+        if k in ("max_concurrent", "max_failures", "joint_compositions"):
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "max_concurrent" else 0):
                 raise ConfigError(path, f"expected an integer >= {1 if k == 'max_concurrent' else 0}, got {v!r}")
         elif k in ("merge", "evaluate_sum", "joint"):
