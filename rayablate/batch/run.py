@@ -180,11 +180,11 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     jdir = out / "joint"
     jdir.mkdir(parents=True, exist_ok=True)
     st_path = jdir / STATUS_NAME
-    cfg = joint_config(batch, names)
+    cfg, rule = joint_config(batch, names), joint_rows_rule(batch)
     if st_path.exists():
         st = json.loads(st_path.read_text())
         if st.get("status") == "succeeded" and st.get("concepts") == names \
-                and st.get("rows_rule") == joint_rows_rule(batch) and (jdir / "matcher_delta.safetensors").exists():
+                and st.get("rows_rule") == rule and (jdir / "matcher_delta.safetensors").exists():
             if _same_config(jdir / "config.yaml", cfg):
                 progress("[batch] joint: already trained, skipped")
                 return dict(st, skipped=True)
@@ -194,13 +194,12 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
     t0 = time.time()
     try:
         save_config(cfg, jdir / "config.yaml")
-        if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows", joint_rows_rule(batch)):
+        if (jdir / "rows").exists() and not _rows_made_by_rule(jdir / "rows", rule):
             # rows of an older rule: neither its data nor the checkpoints trained on them are reused
             shutil.rmtree(jdir / "ray", ignore_errors=True)
             shutil.rmtree(jdir / "data", ignore_errors=True)
         dirs = _joint_sources(batch, out, models, names, num_actors, progress)
-        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed,
-                               joint_rows_rule(batch))
+        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed, rule)
         summ = data_summary(rows_dir)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
@@ -208,7 +207,7 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
                             evaluation=None, log=lambda msg: progress(f"[batch:joint] {msg}"))["train"]
         st = {"status": "succeeded", "error": None, "concepts": names, "steps": cfg.steps, "data": summ,
-              "rows_rule": joint_rows_rule(batch),
+              "rows_rule": rule,
               "train_seconds": train["wall_s"], "wall_s": time.time() - t0}
     except Exception as e:  # noqa: BLE001
         st = {"status": "failed", "error": _error(e), "concepts": names,
@@ -255,10 +254,10 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         dirs.append(str(build_training_data(cfg, models.model_path, models.clip, out / "joint" / "data" / n,
                                             models.world, num_actors=num_actors, resolution=res,
                                             exclude=others)))
-        if batch.settings.joint_compositions and (own / "_SUCCESS").exists():
+        k_comp = batch.settings.joint_compositions
+        if k_comp and (own / "_SUCCESS").exists():
             words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
-            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{batch.settings.joint_compositions}",
-                                 words, batch.settings.joint_compositions)
+            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp)
             dirs += [comp] if comp else []
     return dirs
 
