@@ -275,8 +275,19 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
         raise ConfigError("concept.prompts", "the prompt list is empty")
     # the frozen model's images drawn before are not drawn again; all of them: no sampler (rayablate/image_cache.py)
     cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+    masker = masker_kwargs(cfg, world, clip_name, image_weight)
+    kept = None if user_data else data_cache_dir(cache, rows, cfg, masker)
     cached = cache.pngs(rows, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale) if cache else [None] * len(rows)
     hits = sum(p is not None for p in cached)
+    if kept is not None and (kept / "_SUCCESS").exists():
+        from .console import say
+
+        say(f"[rayablate]     the data stage's shards came from the data cache (the same {len(rows)} rows, "
+            "images and CLIP mask as an earlier job)")
+        _copy_shards(kept, out_dir)
+        if cache is not None and hits < len(rows):
+            _remember_anchor_images(cache, rows, out_dir, cfg)
+        return out_dir
     if hits:
         from .console import say
 
@@ -290,13 +301,91 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
                             batch_size=16)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
-    ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=masker_kwargs(cfg, world, clip_name, image_weight),
-                        batch_size=128, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
+    ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=masker, batch_size=128,
+                        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=0.5)
     # Ablation and preservation rows interleaved: every worker's shard and batch sees both kinds.
     write_shards(ds.random_shuffle(seed=cfg.seed), out_dir)
     if cache is not None and hits < len(rows):
         _remember_anchor_images(cache, rows, out_dir, cfg)
+    if kept is not None:
+        _keep_shards(out_dir, kept)
     return out_dir
+
+
+# --- the data cache: a data stage's shards, kept for an exact rerun ---------------------------------
+# Beside the base-image cache (under its folder, on the driver's disk, off with it): a job whose rows,
+# anchor images, CLIP model, mask settings and shuffle seed are those of an earlier job copies that
+# job's shards instead of starting Ray Data, a CLIP actor and its writers (about 7 s of a warm
+# default job on 2 cores). The key names each anchor image by its base-image cache key (the model's
+# bytes, prompt, seed, sampler steps, guidance, device, versions), so the first job stores its
+# shards too. It also holds the CLIP folder's bytes, torch's and open_clip's versions and the
+# source of the modules that mask rows: an edit to the masking code is another key, never stale
+# data. Jobs with user image-text pairs, a model or CLIP that is not a local folder, or the image
+# cache off (`--no-image-cache`) are not cached.
+DATA_CACHE_FORMAT = "rayablate-data/1"
+_MASKING_MODULES = ("data.py", "clip.py", "prompts.py", "memorized.py", "images.py")
+
+
+def _plain(v):
+    """JSON's `default=` for the key: arrays by their bytes' digest; anything unknown is an error
+    (no key, no caching) rather than a lossy repr."""
+    import hashlib
+
+    if isinstance(v, np.ndarray):
+        return ["ndarray", str(v.dtype), list(v.shape), hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"no cache key for {type(v).__name__}")
+
+
+def data_cache_dir(cache, rows: list[dict], cfg: AblationConfig, masker: dict) -> Path | None:
+    """The folder that holds (or will hold) these rows' masked shards, or None: not cacheable."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from .image_cache import cache_root, model_fingerprint
+
+    root = cache_root()
+    clip_fp = model_fingerprint(masker["clip_name"])
+    if cache is None or root is None or clip_fp is None:
+        return None
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / m).read_bytes() for m in _MASKING_MODULES)).hexdigest()
+    images = [cache._file(r["anchor_caption"], r["seed"], r.get("steps", cfg.anchor_steps),
+                          r.get("guidance", cfg.guidance_scale)).name for r in rows]
+    try:
+        key = json.dumps([DATA_CACHE_FORMAT, code, version("torch"), version("open_clip_torch"), clip_fp, masker,
+                          int(cfg.seed), [{k: v for k, v in r.items() if k != "image"} for r in rows], images],
+                         sort_keys=True, default=_plain)
+    except TypeError:
+        return None
+    return root / "data" / hashlib.sha256(key.encode()).hexdigest()
+
+
+def _copy_shards(src: Path, out_dir: Path) -> None:
+    """`src`'s shards into `out_dir`, atomically (a temporary folder, then a rename), as write_shards."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _keep_shards(out_dir: Path, kept: Path) -> None:
+    """A copy of the written shards in the data cache; a full or read-only disk only costs a later job time."""
+    if (kept / "_SUCCESS").exists():
+        return
+    tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out_dir, tmp)
+        tmp.rename(kept)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remember_anchor_images(cache, rows: list[dict], shards: Path, cfg: AblationConfig) -> None:

@@ -280,7 +280,9 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
         raise AssertionError("a sampler was started although the cache holds every image")
 
     monkeypatch.setattr(S, "sample_dataset", no_sampler)
-    second = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "b", ToyWorld())
+    # another CLIP threshold: the same images, served by the image cache, masked again by Ray Data
+    second = build_training_data(dataclasses.replace(cfg, clip_threshold=cfg.clip_threshold + 0.01),
+                                 str(tiny_sd_path), str(tiny_clip_path), tmp_path / "b", ToyWorld())
     by_seed = lambda p: {r["seed"]: r["image"] for r in pq.read_table(str(p)).to_pylist()}  # noqa: E731
     assert by_seed(first) == by_seed(second)
     served = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
@@ -292,6 +294,47 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
     monkeypatch.setenv(ENV, "off")
     with pytest.raises(AssertionError, match="a sampler was started"):
         generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
+
+
+def test_an_exact_rerun_copies_the_data_stages_shards_from_the_data_cache(ray_local, tiny_sd_path, tiny_clip_path,
+                                                                           tmp_path, monkeypatch):
+    """The first build stores its shards under the key of its rows, images, CLIP and mask settings; an
+    exact rerun copies them and starts no Ray Data pipeline; any change of those is another key."""
+    import dataclasses
+
+    import ray
+
+    from rayablate.data import build_training_data, data_cache_dir, masker_kwargs, prompt_rows
+    from rayablate.image_cache import ENV, BaseImageCache
+
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    world = ToyWorld()
+    cfg = config_from_dict({"num_anchor_images": 6, "num_preservation_images": 4, "anchor_steps": 2})
+    first = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "a", world)
+    stored = list((tmp_path / "cache" / "data").glob("*/_SUCCESS"))
+    assert len(stored) == 1
+
+    def no_ray_data(*a, **k):
+        raise AssertionError("a Ray Data pipeline was started although the data cache holds these shards")
+
+    monkeypatch.setattr(ray.data, "from_items", no_ray_data)
+    again = build_training_data(cfg, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "b", world)
+    rows = lambda p: sorted(pq.read_table(str(p)).to_pylist(), key=lambda r: r["seed"])  # noqa: E731
+    assert rows(again) == rows(first) and len(rows(first)) == 10
+    assert (again / "_SUCCESS").exists() and not (tmp_path / "b.tmp").exists()
+    # the key: anything that changes the shards is another folder
+    cache = BaseImageCache.for_model(str(tiny_sd_path))
+
+    def key(c, clip=str(tiny_clip_path), cache=cache):
+        return data_cache_dir(cache, prompt_rows(c, world), c, masker_kwargs(c, world, clip))
+
+    assert key(cfg) == stored[0].parent
+    changed = [dataclasses.replace(cfg, clip_threshold=0.5), dataclasses.replace(cfg, seed=cfg.seed + 1),
+               dataclasses.replace(cfg, anchor_steps=3), dataclasses.replace(cfg, num_preservation_images=5)]
+    assert len({key(c) for c in changed} | {key(cfg)}) == 5
+    assert key(cfg, clip="org/a-hub-clip") is None and key(cfg, cache=None) is None
+    with pytest.raises(AssertionError, match="a Ray Data pipeline was started"):  # a miss runs the pipeline
+        build_training_data(changed[0], str(tiny_sd_path), str(tiny_clip_path), tmp_path / "c", world)
 
 
 def test_the_image_cache_key_follows_the_models_bytes(tmp_path, monkeypatch):
