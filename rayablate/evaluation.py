@@ -40,14 +40,40 @@ def _rows_key(rows: list[dict], steps: int, guidance: float) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def after_image_plan(cfg: AblationConfig, world, num_actors: int) -> dict:
+def after_image_plan(cfg: AblationConfig, world, num_actors: int, model_path: str | None = None) -> dict:
     """What the training workers draw after training so the evaluation need not (`train.draw_after_images`):
     the evaluation's prompts and seeds in its row order, its sampler settings and batch size, and a
-    key the evaluation checks the images against."""
+    key the evaluation checks the images against. With `model_path`, also "before": the rows whose
+    before-image the base-image cache lacks (every row when the cache is off), which the workers
+    draw with the base model, so that a first job's evaluation starts no sampler either."""
     rows = eval_rows(world.eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed), cfg.eval_seed)
-    return {"prompts": [r["prompt"] for r in rows], "seeds": [r["seed"] for r in rows], "steps": cfg.eval_steps,
+    plan = {"prompts": [r["prompt"] for r in rows], "seeds": [r["seed"] for r in rows], "steps": cfg.eval_steps,
             "guidance": cfg.guidance_scale, "batch_size": S.balanced_batch_size(len(rows), num_actors, EVAL_BATCH),
             "key": _rows_key(rows, cfg.eval_steps, cfg.guidance_scale)}
+    if model_path is not None:
+        from .image_cache import BaseImageCache
+
+        cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+        held = cache.pngs(rows, "prompt", cfg.eval_steps, cfg.guidance_scale) if cache else [None] * len(rows)
+        plan["before"] = [i for i, png in enumerate(held) if png is None]
+    return plan
+
+
+def _workers_before_images(rows: list[dict], after_images: dict, model_path: str, cfg: AblationConfig) -> dict:
+    """The before-images the training workers drew (`after_images["before"]`: {row index: PNG}): kept
+    in the base-image cache, where the evaluation then finds them; {"before": one PNG per row} for
+    `draw_images`' `given` when there is no cache and the workers drew every row; else {}."""
+    from .image_cache import BaseImageCache
+
+    before = {int(i): png for i, png in (after_images.get("before") or {}).items()}
+    if not before:
+        return {}
+    cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+    if cache is not None:
+        idx = sorted(before)
+        cache.store([rows[i] for i in idx], [before[i] for i in idx], "prompt", cfg.eval_steps, cfg.guidance_scale)
+        return {}
+    return {"before": [before[i] for i in range(len(rows))]} if len(before) == len(rows) else {}
 
 
 def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: str | None, cfg: AblationConfig,
@@ -61,14 +87,17 @@ def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: 
 
     rows = eval_rows(groups, seed)
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
-    given = None
+    given, by_workers = None, 0
     if after_images and delta_path and after_images.get("key") == _rows_key(rows, cfg.eval_steps, cfg.guidance_scale):
-        given = {"after": after_images["pngs"]}
+        given = {"after": after_images["pngs"], **_workers_before_images(rows, after_images, model_path, cfg)}
+        by_workers = len(after_images.get("before") or {})
+        say(f"[evaluate] the training workers drew the {len(rows)} after-images"
+            + (f" and {by_workers} before-images" if by_workers else ""))
     images, hits = S.draw_images(rows, model_path, deltas, lambda r: r["group"], steps=cfg.eval_steps,
                                  guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu, num_actors=num_actors,
                                  batch_size=EVAL_BATCH, given=given)
-    if hits.get("before"):
-        say(f"[evaluate] {hits['before']} of the {len(rows)} before-images came from the base-image cache")
+    if hits.get("before", 0) > by_workers:
+        say(f"[evaluate] {hits['before'] - by_workers} of the {len(rows)} before-images came from the base-image cache")
     return {g.name: images.get(g.name, {}) for g in groups}
 
 

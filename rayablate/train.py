@@ -359,59 +359,74 @@ class _Worker:
 
     def draw_after_images(self) -> dict | None:
         """The evaluation's after-images (`config["after_images"]`, `evaluation.after_image_plan`),
-        drawn by every rank once training has finished, so the evaluation starts no sampler of its own
-        (on 2 cores the two sampler actors' start-up and pipeline loads were ~9 s of CPU). Each rank
-        writes the final delta from its synced shadow, exactly as the final checkpoint did, and draws
-        its share of the evaluation's batches through the same `Sampler` the evaluation's actors use.
-        Rank 0 gets {"pngs" (in the plan's order), "key" (the plan's), "delta_digest", "seconds"}; other ranks None.
-        None everywhere when there is no plan or this attempt did not train to the end (a resumed
-        finished run): the evaluation then draws them itself."""
+        and the before-images of the plan's "before" rows (those the base-image cache lacks), drawn by
+        every rank once training has finished, so the evaluation starts no sampler of its own (on 2
+        cores the two sampler actors' start-up and pipeline loads were ~9 s of CPU). Each rank writes
+        the final delta from its synced shadow, exactly as the final checkpoint did, and draws its
+        share of the evaluation's batches through the same `Sampler` the evaluation's actors use: the
+        base model's first (that pipeline is dropped before the delta's is loaded), then the delta's.
+        Rank 0 gets {"pngs" (in the plan's order), "before" ({row index: PNG}), "key" (the plan's),
+        "delta_digest", "seconds"}; other ranks None. None everywhere when there is no plan or this
+        attempt did not train to the end (a resumed finished run): the evaluation then draws them itself."""
         plan = self.config.get("after_images")
         if not plan or self.start_step >= self.cfg.steps or self.pos.step != self.cfg.steps:
             return None
         import numpy as np
 
-        from .sampling import Sampler
+        from .sampling import Sampler, balanced_batch_size
 
         t0 = time.time()
         n, size = len(plan["prompts"]), max(1, int(plan["batch_size"]))
-        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)][self.rank::self.world]
-        mine, digest = None, None
+        before_rows = [int(i) for i in plan.get("before") or []]
+
+        def draw(deltas: dict, rows: list[int], batch: int) -> dict:
+            """{row index: PNG} of this rank's share of `rows`' batches, drawn with `deltas`' one column."""
+            (column,), sampler, got = deltas, Sampler(self.config["model_path"], deltas, steps=int(plan["steps"]),
+                                                      guidance=float(plan["guidance"]), use_gpu=self.cfg.use_gpu), {}
+            for idx in [rows[i:i + batch] for i in range(0, len(rows), batch)][self.rank::self.world]:
+                out = sampler({"prompt": np.array([plan["prompts"][i] for i in idx], dtype=object),
+                               "seed": np.array([int(plan["seeds"][i]) for i in idx])})
+                got.update(zip(idx, (bytes(p) for p in out[column])))
+            return got
+
+        mine, mine_before, digest = None, None, None
         tmp = tempfile.mkdtemp(prefix=f"rayablate-after-r{self.rank}-")
         try:  # a failure here must not fail a finished run: the evaluation then draws them itself
+            if before_rows:
+                mine_before = draw({"before": None}, before_rows,
+                                   balanced_batch_size(len(before_rows), self.world, size))
             path = os.path.join(tmp, DELTA_NAME)
             self.ablation.write_delta(path, self.pos.step)  # the shadow the final checkpoint synced
             digest = delta_digest(path)
-            sampler = Sampler(self.config["model_path"], {"after": path}, steps=int(plan["steps"]),
-                              guidance=float(plan["guidance"]), use_gpu=self.cfg.use_gpu)
-            mine = {}
-            for idx in batches:
-                out = sampler({"prompt": np.array([plan["prompts"][i] for i in idx], dtype=object),
-                               "seed": np.array([int(plan["seeds"][i]) for i in idx])})
-                mine.update(zip(idx, (bytes(p) for p in out["after"])))
+            mine = draw({"after": path}, list(range(n)), size)
         except Exception as e:
             self.log(f"WARNING: rank {self.rank} could not draw its after-images ({e})")
             mine = None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        gathered: list = [(mine, digest)]
+        gathered: list = [(mine, mine_before, digest)]
         if self.world > 1:  # every rank reaches this collective, failed or not
             import torch.distributed as dist
 
             gathered = [None] * self.world
-            dist.all_gather_object(gathered, (mine, digest))
+            dist.all_gather_object(gathered, (mine, mine_before, digest))
         if self.rank != 0:
             return None
         pngs: dict = {}
-        for part, _ in gathered:
+        before: dict = {}
+        for part, part_before, _ in gathered:
             pngs.update(part or {})
-        if any(part is None for part, _ in gathered) or len({d for _, d in gathered}) != 1 or len(pngs) != n:
+            before.update(part_before or {})
+        if any(part is None for part, _, _ in gathered) or len({d for _, _, d in gathered}) != 1 or len(pngs) != n \
+                or len(before) != len(before_rows):
             self.log("WARNING: the ranks' after-images are incomplete or from different deltas; "
                      "the evaluation draws its own")
             return None
         seconds = time.time() - t0
-        self.log(f"drew the evaluation's {n} after-images on {self.world} ranks in {seconds:.1f} s")
-        return {"pngs": [pngs[i] for i in range(n)], "key": plan["key"], "delta_digest": digest, "seconds": seconds}
+        self.log(f"drew the evaluation's {n} after-images" + (f" and {len(before)} before-images" if before else "")
+                 + f" on {self.world} ranks in {seconds:.1f} s")
+        return {"pngs": [pngs[i] for i in range(n)], "before": before, "key": plan["key"], "delta_digest": digest,
+                "seconds": seconds}
 
     def result(self) -> dict | None:
         """Every rank's replica hash and Ray node id, gathered on all (all_gather_object is a collective)."""

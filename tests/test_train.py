@@ -84,8 +84,20 @@ def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
     from rayablate.evaluation import after_image_plan
     from rayablate.toyworld.vocab import ToyWorld
 
+    import os
+
+    from rayablate.image_cache import ENV
+
     out = tmp_path_factory.mktemp("reference")
-    plan = after_image_plan(_two_worker_cfg(**EVAL), ToyWorld(), 2)  # the evaluation's after-images, drawn by the workers
+    was, os.environ[ENV] = os.environ.get(ENV), "off"
+    try:  # the evaluation's after-images and, with no image cache, every before-image: drawn by the workers
+        plan = after_image_plan(_two_worker_cfg(**EVAL), ToyWorld(), 2, str(tiny_sd_path))
+    finally:
+        if was is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = was
+    assert plan["before"] == list(range(len(plan["prompts"])))
     return run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="reference",
                         after_images=plan)
 
@@ -222,10 +234,11 @@ def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_pa
 
 
 def test_the_workers_after_images_are_the_evaluations_own_and_it_draws_none_itself(reference_run, tiny_sd_path,
-                                                                                    monkeypatch):
-    """Once trained, the two ranks draw the evaluation's after-images from the final delta; the
-    evaluation uses them (its sampler never sees that delta) and they are the pixels its own
-    sampler actors draw. Images for other rows or settings are not used."""
+                                                                                    monkeypatch, tmp_path):
+    """Once trained, the two ranks draw the evaluation's after-images from the final delta and its
+    before-images from the base model; the evaluation uses them (it never loads a model: the path it
+    is given does not exist) and they are the pixels its own sampler actors draw. Images for other
+    rows or settings are not used."""
     import dataclasses
 
     from rayablate.evaluation import generate_before_after
@@ -238,9 +251,9 @@ def test_the_workers_after_images_are_the_evaluations_own_and_it_draws_none_itse
     cfg = _two_worker_cfg(**EVAL)
     groups = ToyWorld().eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed)
     assert after is not None and len(after["pngs"]) == sum(len(g.prompts) for g in groups) == 2 * len(groups)
-    assert after["seconds"] > 0
+    assert after["seconds"] > 0 and sorted(after["before"]) == list(range(len(after["pngs"])))
     missing = str(Path(reference_run["delta_path"]).with_name("no_such_delta.safetensors"))
-    used = generate_before_after(groups, str(tiny_sd_path), missing, cfg, cfg.eval_seed, after_images=after)
+    used = generate_before_after(groups, str(tmp_path / "no_model"), missing, cfg, cfg.eval_seed, after_images=after)
     drawn = generate_before_after(groups, str(tiny_sd_path), reference_run["delta_path"], cfg, cfg.eval_seed,
                                   num_actors=2)
     for g in groups:
@@ -251,6 +264,32 @@ def test_the_workers_after_images_are_the_evaluations_own_and_it_draws_none_itse
         generate_before_after(groups, str(tiny_sd_path), missing, dataclasses.replace(cfg, eval_steps=3),
                               cfg.eval_seed, after_images=after)
     assert "DeltaError" in str(err.value) or isinstance(err.value, DeltaError)
+
+
+def test_the_workers_before_images_go_to_the_image_cache_and_the_next_plan_skips_them(reference_run, tiny_sd_path,
+                                                                                      monkeypatch, tmp_path):
+    """With the base-image cache on, the before-images the workers drew are kept there (the
+    evaluation then reads them as a warm job would), and the next job's plan asks the workers for
+    none of them; a row the cache lacks is asked for again."""
+    from rayablate.evaluation import after_image_plan, eval_rows, generate_before_after
+    from rayablate.image_cache import ENV, BaseImageCache
+    from rayablate.toyworld.vocab import ToyWorld
+
+    monkeypatch.setenv(ENV, str(tmp_path / "cache"))
+    cfg = _two_worker_cfg(**EVAL)
+    groups = ToyWorld().eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed)
+    rows = eval_rows(groups, cfg.eval_seed)
+    assert after_image_plan(cfg, ToyWorld(), 2, str(tiny_sd_path))["before"] == list(range(len(rows)))
+    missing = str(Path(reference_run["delta_path"]).with_name("no_such_delta.safetensors"))
+    used = generate_before_after(groups, str(tiny_sd_path), missing, cfg, cfg.eval_seed,
+                                 after_images=reference_run["after_images"])
+    cache = BaseImageCache.for_model(str(tiny_sd_path))
+    held = cache.pngs(rows, "prompt", cfg.eval_steps, cfg.guidance_scale)
+    assert held == [reference_run["after_images"]["before"][i] for i in range(len(rows))]
+    assert all(used[g.name]["before"].shape[0] == len(g.prompts) for g in groups)
+    assert after_image_plan(cfg, ToyWorld(), 2, str(tiny_sd_path))["before"] == []
+    cache._file(rows[3]["prompt"], rows[3]["seed"], cfg.eval_steps, cfg.guidance_scale).unlink()
+    assert after_image_plan(cfg, ToyWorld(), 2, str(tiny_sd_path))["before"] == [3]
 
 
 def test_after_images_that_cannot_be_drawn_leave_the_run_finished(ray_session, train_ds, tiny_sd_path, tmp_path):
