@@ -93,7 +93,7 @@ def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
         if rule == "compositions":
             own = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, []))
             rows += composition_rows(own, [w for t, w in zip(targets, words) if t != c.cfg.concept.target],
-                                     compositions, c.name)
+                                     compositions)
         out += [_anchor_every_target(r, world, specs, words) for r in rows]
     order = np.random.default_rng(0).permutation(len(out))
     log(f"{rule}: {len(out)} rows, {sum(int(r['mask']) for r in out)} of them ablation rows")

@@ -257,57 +257,47 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         k_comp = batch.settings.joint_compositions
         if k_comp and (own / "_SUCCESS").exists():
             words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
-            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp, n)
+            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp)
             dirs += [comp] if comp else []
     return dirs
 
 
 # How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
-JOINT_ROWS_RULE = "names-no-other-target+{k}-salted-compositions/anchors-every-target/converts-preservation"
+JOINT_ROWS_RULE = "names-no-other-target+{k}-compositions/anchors-every-target/converts-preservation"
 
 
 def joint_rows_rule(batch: Batch) -> str:
     return JOINT_ROWS_RULE.format(k=batch.settings.joint_compositions)
 
 
-def composition_rows(rows: list[dict], other_words: list[list[str]], k: int, salt: str = "") -> list[dict]:
-    """`k` ablation rows whose caption also names another target of the batch ("a red checkered
-    zeph" among zeph's own rows): re-anchored (`_anchor_every_target`) they teach the joint matcher
-    the compositions of removed concepts, which rows that name no other target never show ("a red
-    checkered zeph" -> "a red plain diamond"). The first `k` in an order of the seeds salted with
-    the concept's name (`salt`): concepts draw their captions' templates and colours from the same
-    seeds, so the first `k` by seed were the same `k` templates for every concept (on batch_v2 all
-    sixteen concepts' rows were "a barred yellow X", "yellow X character, barred", ...), and the
-    joint model learnt "yellow + removed style + a face or square character -> a plain shape",
-    which took the kept kubo (a square with a face) with it."""
-    import hashlib
-
-    def order(r: dict) -> str:
-        return hashlib.sha256(f"{salt}/{int(r['seed'])}".encode()).hexdigest()
-
-    picked = [r for r in sorted(rows, key=order) if int(r["mask"]) and names_any(str(r["target_caption"]), other_words)]
+def composition_rows(rows: list[dict], other_words: list[list[str]], k: int) -> list[dict]:
+    """The first `k` ablation rows (by seed) whose caption also names another target of the batch
+    ("a red checkered zeph" among zeph's own rows): re-anchored (`_anchor_every_target`) they teach
+    the joint matcher the compositions of removed concepts, which rows that name no other target
+    never show ("a red checkered zeph" -> "a red plain diamond")."""
+    picked = [r for r in sorted(rows, key=lambda r: int(r["seed"]))
+              if int(r["mask"]) and names_any(str(r["target_caption"]), other_words)]
     return picked[:k]
 
 
-def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int, salt: str) -> str | None:
-    """`composition_rows` of a separate run's shards, written to `dest` (again each time: a small
-    read of one shard folder, and a folder an older selection wrote is never reused); None when
-    there are none."""
+def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int) -> str | None:
+    """`composition_rows` of a separate run's shards, written once to `dest`; None when there are none."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(own))
-    picked = composition_rows([dict(r, i=i) for i, r in enumerate(
-        table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k, salt)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if picked:
-        pq.write_table(table.take(pa.array([r["i"] for r in picked])), str(tmp / "part-0.parquet"))
-    (tmp / "_SUCCESS").write_text("ok\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return str(dest) if picked else None
+    if not (dest / "_SUCCESS").exists():
+        table = pq.read_table(str(own))
+        picked = composition_rows([dict(r, i=i) for i, r in enumerate(
+            table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if picked:
+            pq.write_table(table.take(pa.array([r["i"] for r in picked])), str(tmp / "part-0.parquet"))
+        (tmp / "_SUCCESS").write_text("ok\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return str(dest) if any(dest.glob("*.parquet")) else None
 
 
 def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int, rule: str) -> Path:
