@@ -16,7 +16,9 @@ evaluation prompts and seeds, printed side by side:
   batch's rule in session 23.
 - **compositions**: the exclusive rows plus, per concept, the first `--compositions` K ablation rows
   of its own rows that also name another target (`batch.run.composition_rows`), re-anchored ("a red
-  checkered zeph" -> "a red plain diamond"). The batch's rule with `batch.joint_compositions: K`.
+  checkered zeph" -> "a red plain diamond"), and their counterparts with each removed character's
+  kept neighbours (`batch.run.counterpart_rows`: "a red checkered kubo" -> "a red plain kubo").
+  The batch's rule with `batch.joint_compositions: K`.
 
 Each concept is measured on its own groups (target, anchor, neighbours, descriptive paraphrases) and
 the whole world on every named concept the batch keeps (prompts that name it and no removed
@@ -77,7 +79,7 @@ def concept_rows(pipe, cache, cfg, world, clip, exclude):
 
 
 def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
-    from rayablate.batch.run import _anchor_every_target, composition_rows
+    from rayablate.batch.run import _anchor_every_target, composition_rows, counterpart_rows, kept_neighbours
 
     specs = [c.cfg.concept for c in batch.concepts]
     targets = [s.target for s in specs]
@@ -92,8 +94,9 @@ def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
         rows = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, others))
         if rule == "compositions":
             own = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, []))
-            rows += composition_rows(own, [w for t, w in zip(targets, words) if t != c.cfg.concept.target],
+            comps = composition_rows(own, [w for t, w in zip(targets, words) if t != c.cfg.concept.target],
                                      compositions)
+            rows += comps + counterpart_rows(comps, kept_neighbours(batch, [b.name for b in batch.concepts]))
         out += [_anchor_every_target(r, world, specs, words) for r in rows]
     order = np.random.default_rng(0).permutation(len(out))
     log(f"{rule}: {len(out)} rows, {sum(int(r['mask']) for r in out)} of them ablation rows")

@@ -163,6 +163,29 @@ def test_composition_rows_are_the_first_ablation_rows_that_name_another_target()
     assert composition_rows(rows, words[1:], 0) == [] and composition_rows(rows, [], 5) == []
 
 
+def test_counterpart_rows_swap_each_removed_character_for_its_kept_neighbours_and_keep_them():
+    """A composition of two removed concepts gets, per kept neighbour of its removed character, the
+    same caption with that neighbour; re-anchored for the joint run it loses the removed style only."""
+    from rayablate.batch.run import _anchor_every_target, counterpart_rows
+    from rayablate.config import config_from_dict
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld(world="v2")
+    specs = [config_from_dict({"concept": c}).concept for c in (
+        {"target": "tafi", "anchor": "square", "kind": "instance"}, {"target": "barred", "anchor": "plain", "kind": "style"})]
+    words = [world.concept_words(s) for s in specs]
+    row = {"target_caption": "a barred yellow tafi", "anchor_caption": "a barred yellow square",
+           "anchor_if_ablated": "a barred yellow square", "mask": 1, "seed": 7, "image": b"png"}
+    got = counterpart_rows([row], {"tafi": ["kubo", "plon"], "zorb": ["quen"]})
+    assert [r["target_caption"] for r in got] == ["a barred yellow kubo", "a barred yellow plon"]
+    assert all(r["mask"] == 1 and r["image"] == b"png" and r["seed"] == 7 for r in got)
+    anchored = [_anchor_every_target(r, world, specs, words)["anchor_caption"] for r in got]
+    assert anchored == ["a plain yellow kubo", "a plain yellow plon"], anchored
+    # a word inside another word is not a character: "tafis" stays, and no swap, no row
+    assert counterpart_rows([dict(row, target_caption="two barred tafis")], {"tafi": ["kubo"]}) == []
+    assert counterpart_rows([row], {}) == []
+
+
 def test_an_exclusion_no_caption_can_escape_is_given_up_not_looped_on():
     from rayablate.toyworld import world as W
 

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import traceback
@@ -257,13 +258,14 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         k_comp = batch.settings.joint_compositions
         if k_comp and (own / "_SUCCESS").exists():
             words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
-            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp)
+            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp,
+                                 kept_neighbours(batch, names))
             dirs += [comp] if comp else []
     return dirs
 
 
 # How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
-JOINT_ROWS_RULE = "names-no-other-target+{k}-compositions/anchors-every-target/converts-preservation"
+JOINT_ROWS_RULE = "names-no-other-target+{k}-compositions+counterparts/anchors-every-target/converts-preservation"
 
 
 def joint_rows_rule(batch: Batch) -> str:
@@ -284,24 +286,58 @@ def composition_rows(rows: list[dict], other_words: list[list[str]], k: int) -> 
     return picked[:k]
 
 
-def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int) -> str | None:
-    """`composition_rows` of a separate run's shards, written once to `dest`; None when there are none."""
+def kept_neighbours(batch: Batch, names: list[str]) -> dict[str, list[str]]:
+    """{target of an instance concept among `names`: its neighbours that no concept of `names` removes}."""
+    by = {c.name: c for c in batch.concepts}
+    targets = {by[n].cfg.concept.target for n in names}
+    return {by[n].cfg.concept.target: [w for w in by[n].cfg.concept.neighbours if w not in targets]
+            for n in names if by[n].cfg.concept.kind == "instance"}
+
+
+def counterpart_rows(rows: list[dict], swaps: dict[str, list[str]]) -> list[dict]:
+    """For each composition row, the same caption with each removed character it names replaced by
+    each kept neighbour of that character ("a barred yellow tafi" -> "a barred yellow kubo"), as an
+    ablation row whose anchor is that caption: re-anchored for the joint run (`_anchor_every_target`)
+    it removes the other target only ("a plain yellow kubo"). Why: a composition row alone teaches
+    "removed style + a square (or face) character -> a plain shape", and the joint model drew kept
+    characters that share the shape or the mark that way (kubo, a square with a face, lost next to
+    tafi and zorb). The row keeps the composition's image (its noised latents; the loss compares
+    the model's predictions for the two captions on them)."""
+    out = []
+    for r in rows:
+        caption = str(r["target_caption"])
+        for word, kept in swaps.items():
+            pattern = re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])", re.IGNORECASE)
+            if not pattern.search(caption):
+                continue
+            for n in kept:
+                c = pattern.sub(n, caption)
+                out.append(dict(r, target_caption=c, anchor_caption=c, anchor_if_ablated=c, mask=1))
+    return out
+
+
+def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int,
+                  swaps: dict[str, list[str]]) -> str | None:
+    """`composition_rows` of a separate run's shards and their `counterpart_rows`, written to `dest`
+    (again each time: a small read of one shard folder, and a folder made by an older rule is never
+    reused); None when there are none."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not (dest / "_SUCCESS").exists():
-        table = pq.read_table(str(own))
-        picked = composition_rows([dict(r, i=i) for i, r in enumerate(
-            table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if picked:
-            pq.write_table(table.take(pa.array([r["i"] for r in picked])), str(tmp / "part-0.parquet"))
-        (tmp / "_SUCCESS").write_text("ok\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    return str(dest) if any(dest.glob("*.parquet")) else None
+    table = pq.read_table(str(own))
+    picked = composition_rows([dict(r, i=i) for i, r in enumerate(
+        table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k)
+    rows = table.take(pa.array([r["i"] for r in picked], type=pa.int64())).to_pylist()
+    rows += counterpart_rows(rows, swaps)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if rows:
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), str(tmp / "part-0.parquet"))
+    (tmp / "_SUCCESS").write_text("ok\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return str(dest) if rows else None
 
 
 def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int, rule: str) -> Path:
