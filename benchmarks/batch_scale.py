@@ -10,8 +10,8 @@ first N concepts of the batch, for three ways of making one model from N concept
 - **merged**: the least-squares merge of the concepts' separate deltas (`rayablate/merge.py`);
 - **sum**: the naive sum of the separate deltas;
 - **joint**: one training run over all N concepts' rows, one shared matcher
-  (`--joint-steps-per-concept` x N steps, at least 100; 150 a concept, as configs/batch_v2.yaml's
-  2400 for 16).
+  (`--joint-steps-per-concept` x N steps, at least 100; 200 a concept, as configs/batch_v2.yaml's
+  3200 for 16).
 
 The concepts are taken in an order that mixes characters and styles in every prefix. Every concept's
 separate run happens once, in the largest batch; each smaller batch links those runs (a finished
@@ -181,7 +181,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,2,4,8,16", help="numbers of concepts, comma-separated")
     ap.add_argument("--output-dir", default="outputs/bench-batch-scale")
     ap.add_argument("--eval-images", type=int, default=None, help="images per evaluation group (default: the file's)")
-    ap.add_argument("--joint-steps-per-concept", type=int, default=150)
+    ap.add_argument("--joint-steps-per-concept", type=int, default=200)
     ap.add_argument("--world-images", type=int, default=16,
                     help="prompts per concept left in the world for the whole-world kept check (0: skip)")
     ap.add_argument("--separate-jobs", type=int, default=2,
