@@ -84,6 +84,7 @@ def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
     specs = [c.cfg.concept for c in batch.concepts]
     targets = [s.target for s in specs]
     words = [world.concept_words(s) for s in specs]
+    swaps = kept_neighbours(batch, [c.name for c in batch.concepts])
     out = []
 
     def as_rows(cols):
@@ -96,7 +97,7 @@ def joint_rows(rule, batch, pipe, cache, world, clip, log, compositions=0):
             own = as_rows(concept_rows(pipe, cache, c.cfg, world, clip, []))
             comps = composition_rows(own, [w for t, w in zip(targets, words) if t != c.cfg.concept.target],
                                      compositions)
-            rows += comps + counterpart_rows(comps, kept_neighbours(batch, [b.name for b in batch.concepts]))
+            rows += comps + counterpart_rows(comps, swaps)
         out += [_anchor_every_target(r, world, specs, words) for r in rows]
     order = np.random.default_rng(0).permutation(len(out))
     log(f"{rule}: {len(out)} rows, {sum(int(r['mask']) for r in out)} of them ablation rows")

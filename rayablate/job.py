@@ -344,8 +344,9 @@ def run_concept(cfg: AblationConfig, out: str | Path, models: Models, *, user_da
 
 def _worker_after_images(cfg, models: Models, evaluation: str | None, eval_actors: int) -> dict | None:
     """The after-images the training workers draw for a full evaluation (`train.draw_after_images`),
-    and the before-images the base-image cache lacks, on CPUs only: on GPUs a worker would hold a second pipeline beside its training state, and
-    the evaluation's own actors take whole GPUs anyway. RAYABLATE_WORKER_AFTER_IMAGES=0 turns it off."""
+    and the before-images the base-image cache lacks, on CPUs only: on GPUs a worker would hold a
+    second pipeline beside its training state, and the evaluation's own actors take whole GPUs
+    anyway. RAYABLATE_WORKER_AFTER_IMAGES=0 turns it off."""
     if evaluation != "full" or cfg.use_gpu or os.environ.get("RAYABLATE_WORKER_AFTER_IMAGES", "1") == "0":
         return None
     from .evaluation import after_image_plan

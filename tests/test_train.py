@@ -84,19 +84,12 @@ def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
     from rayablate.evaluation import after_image_plan
     from rayablate.toyworld.vocab import ToyWorld
 
-    import os
-
     from rayablate.image_cache import ENV
 
     out = tmp_path_factory.mktemp("reference")
-    was, os.environ[ENV] = os.environ.get(ENV), "off"
-    try:  # the evaluation's after-images and, with no image cache, every before-image: drawn by the workers
+    with pytest.MonkeyPatch.context() as mp:  # the evaluation's after-images and, with no image cache,
+        mp.setenv(ENV, "off")                 # every before-image: drawn by the workers
         plan = after_image_plan(_two_worker_cfg(**EVAL), ToyWorld(), 2, str(tiny_sd_path))
-    finally:
-        if was is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = was
     assert plan["before"] == list(range(len(plan["prompts"])))
     return run_training(_two_worker_cfg(), train_ds, str(tiny_sd_path), str(out), run_name="reference",
                         after_images=plan)

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import traceback
@@ -242,6 +241,7 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
     from ..data import build_training_data, prompt_rows
 
     by = {c.name: c for c in batch.concepts}
+    k_comp, swaps = batch.settings.joint_compositions, kept_neighbours(batch, names)
     dirs = []
     for k, n in enumerate(names):
         cfg = by[n].cfg
@@ -255,11 +255,9 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         dirs.append(str(build_training_data(cfg, models.model_path, models.clip, out / "joint" / "data" / n,
                                             models.world, num_actors=num_actors, resolution=res,
                                             exclude=others)))
-        k_comp = batch.settings.joint_compositions
         if k_comp and (own / "_SUCCESS").exists():
             words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
-            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp,
-                                 kept_neighbours(batch, names))
+            comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp, swaps)
             dirs += [comp] if comp else []
     return dirs
 
@@ -303,16 +301,17 @@ def counterpart_rows(rows: list[dict], swaps: dict[str, list[str]]) -> list[dict
     characters that share the shape or the mark that way (kubo, a square with a face, lost next to
     tafi and zorb). The row keeps the composition's image (its noised latents; the loss compares
     the model's predictions for the two captions on them)."""
+    from ..prompts import word_pattern
+
+    patterns = [(word_pattern(word), kept) for word, kept in swaps.items()]
     out = []
     for r in rows:
         caption = str(r["target_caption"])
-        for word, kept in swaps.items():
-            pattern = re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])", re.IGNORECASE)
-            if not pattern.search(caption):
-                continue
-            for n in kept:
-                c = pattern.sub(n, caption)
-                out.append(dict(r, target_caption=c, anchor_caption=c, anchor_if_ablated=c, mask=1))
+        for pattern, kept in patterns:
+            if pattern.search(caption):
+                for n in kept:
+                    c = pattern.sub(n, caption)
+                    out.append(dict(r, target_caption=c, anchor_caption=c, anchor_if_ablated=c, mask=1))
     return out
 
 
