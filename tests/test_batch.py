@@ -139,6 +139,23 @@ def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
     assert prompt_rows(real, PromptWorld(), exclude=["dog"]) == prompt_rows(real, PromptWorld())
 
 
+def test_a_separate_runs_rows_are_reused_only_if_made_from_the_same_prompt_rows(tmp_path):
+    from rayablate.batch.run import _made_from
+    from rayablate.config import config_from_dict, save_config
+    from rayablate.data import prompt_rows
+    from rayablate.toyworld.vocab import ToyWorld
+
+    world = ToyWorld(world="v2")
+    spec = {"target": "zorb", "anchor": "circle", "kind": "instance"}
+    made = config_from_dict({"concept": dict(spec, neighbours=["kubo", "quen", "lorx", "nax"])})
+    wanted = config_from_dict({"concept": dict(spec, neighbours=["kubo", "quen", "zeph", "vell"])})
+    save_config(made, tmp_path / "config.yaml")
+    assert _made_from(tmp_path / "config.yaml", prompt_rows(made, world), world)
+    # linked from a batch where zeph and vell were removed: its rows protect neither
+    assert not _made_from(tmp_path / "config.yaml", prompt_rows(wanted, world), world)
+    assert not _made_from(tmp_path / "none.yaml", prompt_rows(made, world), world)
+
+
 def test_composition_rows_are_the_first_ablation_rows_that_name_another_target():
     from rayablate.batch.run import _anchor_every_target, composition_rows
     from rayablate.config import config_from_dict

@@ -247,7 +247,9 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         cfg = by[n].cfg
         others = [by[m].cfg.concept.target for m in names if m != n]
         own = out / "concepts" / n / "data"
-        if (own / "_SUCCESS").exists() and prompt_rows(cfg, models.world, others) == prompt_rows(cfg, models.world):
+        rows = prompt_rows(cfg, models.world)
+        if (own / "_SUCCESS").exists() and prompt_rows(cfg, models.world, others) == rows \
+                and _made_from(own.parent / "config.yaml", rows, models.world):
             dirs.append(str(own))
             continue
         progress(f"[batch] joint: rows of {n} that name no other target ({k + 1}/{len(names)})")
@@ -260,6 +262,17 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
             comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp, swaps)
             dirs += [comp] if comp else []
     return dirs
+
+
+def _made_from(config_path: Path, rows: list[dict], world) -> bool:
+    """Whether a separate run's shards (its config saved at `config_path`) were made from `rows`.
+    A separate run linked from a larger batch (benchmarks/batch_scale.py) was made with that batch's
+    neighbours: zorb's run at N = 16 protects kubo, quen, lorx and nax, since zeph and vell were
+    removed there. Its shards reused for a one-concept joint run left zeph kept 0.06."""
+    from ..config import load_config
+    from ..data import prompt_rows
+
+    return config_path.exists() and prompt_rows(load_config(config_path), world) == rows
 
 
 # How the joint rows are built; a rows folder or joint run made by another rule is rebuilt.
