@@ -6,7 +6,6 @@ captions each concept's edit must hold on and keeps `<out>/merged/` resumable.
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -15,12 +14,10 @@ from .spec import Batch
 
 
 def names_any(caption: str, word_lists: list[list[str]]) -> bool:
-    text = caption.lower()
-    for words in word_lists:
-        for w in words:
-            if re.search(rf"(?<![\w]){re.escape(w.lower())}(?![\w])", text):
-                return True
-    return False
+    """Whether `caption` names any word of `word_lists` as a whole word, any case."""
+    from ..prompts import names_word
+
+    return any(names_word(caption, w) for words in word_lists for w in words)
 
 
 def training_captions(data_dir: Path) -> tuple[list[str], list[str], list[str]]:
