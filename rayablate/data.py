@@ -367,12 +367,10 @@ def data_cache_dir(cache, rows: list[dict], cfg: AblationConfig, masker: dict) -
 
 def _copy_shards(src: Path, out_dir: Path) -> None:
     """`src`'s shards into `out_dir`, atomically (a temporary folder, then a rename), as write_shards."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    from .files import atomic_folder
+
+    with atomic_folder(out_dir) as tmp:
+        shutil.copytree(src, tmp)
 
 
 def _keep_shards(out_dir: Path, kept: Path) -> None:
@@ -404,16 +402,13 @@ def write_shards(ds, out_dir: Path) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    # Written by tasks pinned to the driver's node: the folder is on its local disk (see _this_node_label).
-    ds.write_parquet(str(tmp), ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)})
-    (tmp / "_SUCCESS").write_text("ok\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    from .files import atomic_folder
+
+    with atomic_folder(out_dir) as tmp:
+        # Written by tasks pinned to the driver's node: the folder is on its local disk (see _this_node_label).
+        ds.write_parquet(str(tmp), ray_remote_args={"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)})
+        (tmp / "_SUCCESS").write_text("ok\n")
 
 
 def data_summary(path: str | Path, clip_threshold: float | None = None) -> dict:

@@ -3,6 +3,7 @@ reader never sees a half-written file and an interrupted run leaves only a `*.tm
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,19 @@ def atomic(path: str | Path, suffix: str = ""):
     tmp = path.with_name(path.name + ".tmp" + suffix)
     yield tmp
     tmp.replace(path)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield an empty temporary folder's path beside `path` (`name.tmp`, not yet created: a writer
+    such as `shutil.copytree` makes it); once the block ends without error, it replaces `path`. The
+    last step removes the old folder before the rename, so only that moment leaves neither."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -94,6 +94,25 @@ def test_user_folder_needs_captions(tmp_path):
     assert load_user_rows(tmp_path, STYLE, ToyWorld(), 32)[0]["anchor_if_ablated"] == "a red plain circle"
 
 
+def test_a_folder_is_replaced_only_when_its_writer_finishes(tmp_path):
+    from rayablate.files import atomic_folder
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "old.parquet").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as tmp:
+            tmp.mkdir()
+            (tmp / "half.parquet").write_text("half")
+            raise RuntimeError("writer died")
+    assert [p.name for p in out.iterdir()] == ["old.parquet"]  # the old folder stands
+    with atomic_folder(out) as tmp:  # the next writer starts from an empty temporary folder
+        assert not tmp.exists()
+        tmp.mkdir()
+        (tmp / "new.parquet").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.parquet"] and not tmp.exists()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

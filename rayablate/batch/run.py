@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import AblationConfig, ConfigError, concept_name, config_from_dict, save_config, to_dict
-from ..files import atomic, write_json, write_text
+from ..files import atomic, atomic_folder, write_json, write_text
 from ..prompts import anchor_label
 from ..resources import cpu_share
 from .merge import merge_batch, names_any
@@ -341,14 +341,11 @@ def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int,
         table.select(["seed", "mask", "target_caption"]).to_pylist())], other_words, k)
     rows = table.take(pa.array([r["i"] for r in picked], type=pa.int64())).to_pylist()
     rows += counterpart_rows(rows, swaps)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if rows:
-        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), str(tmp / "part-0.parquet"))
-    (tmp / "_SUCCESS").write_text("ok\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with atomic_folder(dest) as tmp:
+        tmp.mkdir(parents=True)
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), str(tmp / "part-0.parquet"))
+        (tmp / "_SUCCESS").write_text("ok\n")
     return str(dest) if rows else None
 
 
