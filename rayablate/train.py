@@ -78,6 +78,19 @@ def deepspeed_config(cfg: AblationConfig, params=None) -> dict:
 
 # --- DeepSpeed engines ----------------------------------------------------------------------------
 
+def skip_shm_collective() -> None:
+    """Tell DeepSpeed not to build its CPU shared-memory collective in this process. Its first
+    `deepspeed.initialize` JIT-compiles that op (`~/.cache/torch_extensions`, 30-40 s on 2 cores,
+    again for every new virtual environment: a new user's first job), yet only its inference
+    all-reduce uses it; ZeRO's gradient reductions go through torch.distributed (gloo on CPUs).
+    DeepSpeed reads its op table (`deepspeed.ops.__compatible_ops__`, probed once per process and
+    kept) before building an op; an op marked incompatible is not built."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class EngineOptimizers:
     """The core's optimizers as DeepSpeed engines: the matcher's AdamW and the discriminator's Adam,
     each in its own engine (ZeRO stage and precision from the config). Same `step(out)` as
@@ -89,6 +102,8 @@ class EngineOptimizers:
         cfg = ablation.cfg
         trainable = ablation.trainable_parameters()
         opt = torch.optim.AdamW(trainable, lr=cfg.lr_matcher)
+        if ablation.device.type != "cuda":
+            skip_shm_collective()
         self.matcher, _, _, _ = deepspeed.initialize(model=ablation.student, model_parameters=trainable,
                                                      optimizer=opt, config=deepspeed_config(cfg, trainable))
         _load_weights_only(self.matcher)

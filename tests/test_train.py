@@ -59,9 +59,12 @@ def _cfg(**kw) -> AblationConfig:
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    ray = start_local_ray(200)
-    yield ray
-    ray.shutdown()
+    # the workers' JIT-compiled C++ ops go to an empty folder of this module (they inherit the env)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+        ray = start_local_ray(200)
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +210,13 @@ def test_two_workers_zero2_keep_identical_replicas(reference_run):
     assert res["metrics_path"].endswith(METRICS_NAME) and res["delta_path"].endswith(DELTA_NAME)
     with open(res["metrics_path"]) as f:
         assert json.load(f) == res["metrics"]
+
+
+def test_the_deepspeed_engines_compile_no_cpp_op_on_cpu(reference_run):
+    # DeepSpeed's CPU shared-memory collective compiled on the first engine of every new virtual
+    # environment (30-40 s); training never calls it (train.skip_shm_collective)
+    built = list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob("*.so"))
+    assert reference_run["final_step"] == 6 and built == [], built
 
 
 def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_path):
