@@ -112,6 +112,30 @@ def test_defaults_overrides_and_neighbours_that_the_batch_removes():
     assert striped.cfg.concept.neighbours == ["dotted"] and striped.dropped_neighbours == ["zorb"]
 
 
+def test_the_joint_run_takes_the_command_lines_overrides_and_a_robust_concepts_attacker():
+    from rayablate.batch import batch_from_dict, joint_config
+
+    spec = _batch()
+    b = batch_from_dict(spec, overrides={"model": "/elsewhere/sd", "eval_images": 3})
+    j = joint_config(b, ["striped", "zorb"])
+    # the command line's --model reaches the joint run as it reaches every concept's
+    assert j.model == "/elsewhere/sd" and j.eval_images == 3 and not j.robust and j.param_group == "xattn-kv"
+    assert j.steps == 2  # joint_overrides.steps
+
+    # one robust concept makes the joint model robust, with that concept's attacker
+    spec["concepts"][1].update(robust=True, w_robust=5.0, robust_inits=["target"])
+    b = batch_from_dict(spec)
+    assert not b.concepts[0].cfg.robust and b.concepts[1].cfg.robust
+    j = joint_config(b, ["striped", "zorb"])
+    assert j.robust and j.w_robust == 5.0 and j.robust_inits == ["target"]
+    assert j.param_group == "xattn" and j.w_uncond == 30.0  # robust mode's defaults, as for a robust concept
+    assert not joint_config(b, ["striped", "van-gogh"]).robust  # neither of these is robust
+
+    # joint_overrides decides where it says so
+    spec["batch"]["joint_overrides"] = {"steps": 2, "robust": False}
+    assert not joint_config(batch_from_dict(spec), ["striped", "zorb"]).robust
+
+
 def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
     from rayablate.batch.merge import names_any
     from rayablate.config import config_from_dict

@@ -38,7 +38,7 @@ from ..prompts import anchor_label
 from ..resources import cpu_share
 from .merge import merge_batch, names_any
 from .report import console_table, model_line, write_summary
-from .spec import STATUS_NAME, Batch, BatchConcept, joint_config
+from .spec import STATUS_NAME, Batch, BatchConcept, joint_config, joint_robust_source
 
 
 def _error(e: BaseException) -> str:
@@ -201,8 +201,10 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
         dirs = _joint_sources(batch, out, models, names, num_actors, progress)
         rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed, rule)
         summ = data_summary(rows_dir)
+        robust_from = joint_robust_source(batch, names)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
-                 f"{cfg.steps} steps, {cfg.num_workers} worker(s)")
+                 f"{cfg.steps} steps, {cfg.num_workers} worker(s)"
+                 + (f", robust (as {robust_from} is)" if robust_from else ""))
         train = run_concept(cfg, jdir, models, data_dir=rows_dir, run_name="joint",
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
                             evaluation=None, log=lambda msg: progress(f"[batch:joint] {msg}"))["train"]

@@ -69,6 +69,7 @@ class Batch:
     defaults: dict
     concepts: list[BatchConcept]
     source: str = ""
+    overrides: dict = dataclasses.field(default_factory=dict)  # the command line's, nested: every concept's and the joint run's
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -159,7 +160,7 @@ def batch_from_dict(data: dict, overrides: dict[str, Any] | None = None,
     concepts = _concepts(data.get("concepts"), defaults, flat)
     targets = _check_unique(concepts)
     _drop_batch_targets(concepts, targets)
-    batch = Batch(settings, defaults, concepts, source)
+    batch = Batch(settings, defaults, concepts, source, flat)
     if settings.joint:
         joint_config(batch, [c.name for c in concepts])  # a bad joint_overrides field fails here, before anything runs
     return batch
@@ -217,9 +218,33 @@ def _drop_batch_targets(concepts: list[BatchConcept], targets: dict[str, int]) -
         spec.neighbours = keep
 
 
+# robust mode's fields (`robust` and its inner attacker's, rayablate/robust.py): the joint run copies them
+# from its first robust concept
+ROBUST_FIELDS = tuple(f.name for f in dataclasses.fields(AblationConfig) if "robust" in f.name)
+
+
+def joint_robust_source(batch: Batch, names: list[str]) -> str | None:
+    """The concept whose robust settings the joint run takes: the first robust one of `names`, unless
+    `joint_overrides` says whether the joint run is robust. None: the joint run is not made robust."""
+    if "robust" in batch.settings.joint_overrides:
+        return None
+    by = {c.name: c for c in batch.concepts}
+    return next((n for n in names if by[n].cfg.robust), None)
+
+
 def joint_config(batch: Batch, names: list[str]) -> AblationConfig:
+    """The joint run's config: the batch's defaults and command-line overrides, the first concept's
+    concept block, the concepts' steps summed, then `joint_overrides`. One model holds every concept,
+    so if any of them is robust the joint run is robust too, with that concept's attacker settings
+    (otherwise the batch's model would be the one edit of the batch that an inversion undoes);
+    `joint_overrides.robust` decides instead where it is set."""
     by = {c.name: c for c in batch.concepts}
     base = _deep_merge(batch.defaults, {"concept": to_dict(by[names[0]].cfg)["concept"]})
+    base = _deep_merge(base, batch.overrides)
+    robust_from = joint_robust_source(batch, names)
+    if robust_from is not None:
+        src = to_dict(by[robust_from].cfg)
+        base = _deep_merge(base, {k: src[k] for k in ROBUST_FIELDS})
     steps = sum(by[n].cfg.steps for n in names)
     data = _deep_merge(base, {"steps": steps})
     data = _deep_merge(data, batch.settings.joint_overrides)
