@@ -1,13 +1,15 @@
-"""Robust ablation in a batch: two concepts trained robust, merged into one model, and attacked.
+"""Robust ablation in a batch: two concepts trained robust, combined into one model, and attacked.
 
     python benchmarks/robust_batch.py                        # striped + zorb, robust, merged
     python benchmarks/robust_batch.py --inits target --images 16 --output-dir /tmp/rb
+    python benchmarks/robust_batch.py --models separate,joint   # the joint run instead of the merge
 
 Runs `jobs/batch_ablate.py` on a two-concept batch of the toy world (the default style `striped`,
 the default instance `zorb`) with `robust: true` for every concept (each with the job's two Ray Train
 workers, so its steps see the job's rows; one concept at a time; the least-squares merge and the naive
-sum; no joint run), then attacks, for each concept, its own robust delta ("separate"), the merged model
-("merged") and the naive sum ("sum") with the strongest concept inversions of
+sum; the joint run only when `--models` names it), then attacks, for each concept, its own robust
+delta ("separate"), the merged model ("merged"), the naive sum ("sum") and the joint model ("joint":
+one robust run over both concepts' rows) with the strongest concept inversions of
 `benchmarks/robustness.py` (4 vectors, 600 steps at batch 32, lr 1e-2, t in [400, 1000)), each
 also on the base model (the sanity check; once per concept and attack). Prints, per concept and
 model: the plain word's rate, the lowest kept rate of the anchor and neighbours (the batch's own
@@ -47,6 +49,9 @@ BATCH = {
 }
 
 
+MODELS = ("separate", "merged", "sum", "joint")
+
+
 def kept(metrics: dict) -> float:
     rates = [g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for name, g in metrics.items()
              if isinstance(g, dict) and (name == "anchor" or name.startswith("neighbours.")) and
@@ -60,8 +65,15 @@ def main() -> int:
     ap.add_argument("--inits", default="target,anchor", help="inversions to run, by init")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
-    ap.add_argument("--models", default="separate,merged,sum", help="models to attack: separate, merged, sum")
+    ap.add_argument("--models", default="separate,merged,sum", help="models to attack: separate, merged, sum, joint")
     args = ap.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    # the batch builds only what is attacked: the merge for merged/sum, the joint run for joint
+    BATCH["batch"].update(merge="merged" in models or "sum" in models, evaluate_sum="sum" in models,
+                          joint="joint" in models)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robust_batch] {msg}", flush=True)  # noqa: E731
@@ -100,8 +112,10 @@ def main() -> int:
                     "merged": (out / "batch" / "merged" / "merged_delta.safetensors",
                                out / "batch" / "merged" / "eval" / name / "metrics.json"),
                     "sum": (out / "batch" / "merged" / "sum_delta.safetensors",
-                            out / "batch" / "merged" / "sum_eval" / name / "metrics.json")}
-        for model in args.models.split(","):
+                            out / "batch" / "merged" / "sum_eval" / name / "metrics.json"),
+                    "joint": (out / "batch" / "joint" / "matcher_delta.safetensors",
+                              out / "batch" / "joint" / "eval" / name / "metrics.json")}
+        for model in models:
             delta, metrics = variants[model]
             m = json.loads(metrics.read_text())
             edited = load_pipeline(bundle_paths()["sd"])
@@ -121,8 +135,9 @@ def markdown(results: dict) -> str:
     def pct(v):
         return f"{100 * v:.0f} %"
 
-    heads = {"separate": "separate (robust)", "merged": "merged (batch merge)", "sum": "naive sum"}
-    lines = [f"batch of 2 robust concepts (separate runs, merged): {results['batch_wall_s']:.0f} s"]
+    heads = {"separate": "separate (robust)", "merged": "merged (batch merge)", "sum": "naive sum",
+             "joint": "joint (one robust run)"}
+    lines = [f"batch of 2 robust concepts: {results['batch_wall_s']:.0f} s"]
     for name, res in results["concepts"].items():
         models = list(res)
         lines += [f"\n**{name}**\n", "| | " + " | ".join(heads[m] for m in models) + " | base model |",
