@@ -98,6 +98,15 @@ def test_the_batch_check_uses_the_batch_files_bar_and_names_the_batch_model():
     assert (m["variant"], m["passed"], m["misses"]) == ("joint", False, 2)
     strict["joint"]["failures"] += ["x", "y"]
     assert batch_model({"output_dir": "/o", "acceptance": strict})["variant"] == "merged"
+    # both pass: the joint model, unless a concept is robust (the merge adds robust deltas as trained)
+    both = {v: acceptance(rows, v, 0.2, 0.5) for v in ("merged", "joint")}
+    assert all(a["passed"] for a in both.values())
+    assert batch_model({"output_dir": "/o", "acceptance": both, "concepts": rows})["variant"] == "joint"
+    rows[1]["robust"] = True
+    m = batch_model({"output_dir": "/o", "acceptance": both, "concepts": rows})
+    assert (m["variant"], m["delta"]) == ("merged", "/o/merged/merged_delta.safetensors")
+    # ... and only on a tie: a merged model that misses is not the batch's model
+    assert batch_model({"output_dir": "/o", "acceptance": loose, "concepts": rows})["variant"] == "joint"
 
 
 def test_defaults_overrides_and_neighbours_that_the_batch_removes():

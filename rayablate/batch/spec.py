@@ -12,7 +12,8 @@ The batch YAML:
       merge_prior: sum          # ridge target: sum (naive sum of deltas) | base (W0)
       evaluate_sum: true        # evaluate the naive sum too
       joint: true               # one training run over every concept's rows
-      joint_overrides: {}       # AblationConfig fields of the joint run (e.g. steps)
+      joint_overrides: {}       # AblationConfig fields of the joint run (e.g. steps); it is robust if a
+                                # concept is, unless this sets `robust`
       joint_compositions: 0     # per concept: ablation rows of its separate run that also name another target
       check_max_target: 0.10    # the summary's check: every target rate after <= this
       check_min_kept: 0.85      # ... and every neighbour keeps >= this fraction of its before-rate
