@@ -123,6 +123,10 @@ class AblationConfig:
     # the inner attacker's starts: one set of soft tokens per entry (anchor word, target word, random),
     # refreshed in turn, each warm-started from its own last refresh
     robust_inits: list[str] = dataclasses.field(default_factory=lambda: ["anchor", "target", "random"])
+    # one attacker per concept (each start per concept, keyed by the words each ablation row's caption
+    # replaces): the batch's joint run turns it on, as its rows hold many concepts
+    robust_per_concept: bool = False
+    robust_concepts_per_refresh: int = 1  # per concept: the step's least refreshed concepts each refresh trains (0: all)
     robust_every: int = 1  # refresh the attack every this many steps
     robust_inner_steps: int = 8  # inner Adam steps per refresh (warm-started from the last refresh)
     robust_batch_size: int = 8  # rows per inner step (drawn from the step's ablation rows)
@@ -491,6 +495,9 @@ def _validate_robust(cfg: AblationConfig) -> None:
     for name in ("robust_vectors", "robust_every", "robust_inner_steps", "robust_batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.robust_concepts_per_refresh < 0:
+        raise ConfigError("robust_concepts_per_refresh", f"must be >= 0 (0: every concept of the step), "
+                                                        f"got {cfg.robust_concepts_per_refresh}")
     bad = [x for x in cfg.robust_inits if x not in ROBUST_INITS]
     if not cfg.robust_inits or bad:
         raise ConfigError("robust_inits", f"must be a non-empty list of {', '.join(ROBUST_INITS)}; got {cfg.robust_inits}")

@@ -36,6 +36,7 @@ from .discriminator import LatentDiscriminator
 from .pipeline import export_delta, matcher_state, set_matcher, text_encoders
 
 COLUMNS = ("image", "target_caption", "anchor_caption", "mask")
+CONCEPT_COLUMNS = ("concept", "concept_anchor")  # optional: the concept each row is of (a batch's joint rows)
 TERMS = ("match", "reg", "pres", "con", "adv")  # the method's terms; "uncond" and "robust" are added when on
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -263,6 +264,8 @@ class Ablation:
             "target": [str(c) for c in batch["target_caption"]],
             "anchor": [str(c) for c in batch["anchor_caption"]],
             "mask": torch.tensor(np.asarray(batch["mask"], dtype=np.float32), device=self.device),
+            # a batch's joint rows: each row's concept (robust mode's per-concept attacker)
+            **{k: [str(c) for c in batch[k]] for k in CONCEPT_COLUMNS if k in batch},
         }
 
     def anchor_images(self, images: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:

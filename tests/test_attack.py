@@ -75,6 +75,70 @@ def test_adversarial_caption_puts_the_tokens_where_the_concept_was():
     assert adversarial_caption("same", "same", "<v>") == "<v> same"
 
 
+def test_per_concept_attacker_keeps_one_set_per_concept_and_resumes_exactly(toy_pipe):
+    """A joint run's rows hold several concepts (robust_per_concept; their `concept` columns): each
+    concept gets its own sets, started from its own words; a refresh trains only the least refreshed
+    concept of the step; each row of the outer term is attacked with its own concept's set; the
+    state restores every set."""
+    import copy
+
+    from rayablate.config import config_from_dict, to_dict
+    from rayablate.method import Ablation
+
+    cfg = config_from_dict({"robust": True, "robust_per_concept": True, "robust_inner_steps": 2,
+                            "robust_batch_size": 2, "robust_inits": ["target", "anchor"]})
+    ab = Ablation(copy.deepcopy(toy_pipe), cfg)
+    att = ab.robust
+    assert att.sets == {}  # made on first sight
+    rows = [("a striped red circle", "a plain red circle", 1, "striped", "plain"),
+            ("a red zorb character", "a red circle", 1, "zorb", "circle"),
+            ("a blue square with stripes", "a blue square plain", 1, "striped", "plain"),
+            ("a dotted red kubo", "a dotted red kubo", 0, "zorb", "circle")]
+    batch = {"images": torch.rand(4, 3, 32, 32) * 2 - 1, "target": [r[0] for r in rows],
+             "anchor": [r[1] for r in rows], "mask": torch.tensor([float(r[2]) for r in rows]),
+             "concept": [r[3] for r in rows], "concept_anchor": [r[4] for r in rows]}
+    att.refresh(batch, step=1)
+    assert set(att.sets) == {"striped", "zorb"} and att.last_key == "striped"  # ties: by the words
+    emb = toy_pipe.text_encoder.get_input_embeddings().weight.detach()
+    word = lambda w: emb[toy_pipe.tokenizer(w, add_special_tokens=False).input_ids].mean(0)  # noqa: E731
+    zorb = att.sets["zorb"].softs[0].vectors[0].detach()  # not refreshed yet: its target start, "zorb"
+    scale = float(emb.norm(dim=-1).mean())
+    assert float((zorb.mean(0) - word("zorb")).norm()) < 0.02 * scale
+    assert float((zorb.mean(0) - word("striped")).norm()) > 0.2 * scale
+    before = {k: s.softs[0].vectors[0].detach().clone() for k, s in att.sets.items()}
+    att.refresh(batch, step=2)  # striped has one refresh, zorb none: zorb's turn, striped's sets stay
+    assert att.last_key == "zorb" and att.sets["zorb"].refreshes == 1 and att.sets["striped"].refreshes == 1
+    assert torch.equal(att.sets["striped"].softs[0].vectors[0], before["striped"])
+    assert not torch.equal(att.sets["zorb"].softs[0].vectors[0], before["zorb"])
+    # the outer term: rows 0 and 2 with striped's set, row 1 with zorb's, as if each were encoded alone
+    idx = torch.tensor([0, 1, 2])
+    h, _ = att.conditioning(batch, idx)
+    for j, key in enumerate(["striped", "zorb", "striped"]):
+        soft = att.sets[key].soft
+        alone, _ = att._cond(soft, att.captions(soft, batch, idx[j:j + 1]), grad=False)
+        torch.testing.assert_close(h[j:j + 1], alone)
+    # resume: a new attacker loaded from the state has the same sets, turns and counts
+    state = att.state()
+    other = Ablation(copy.deepcopy(toy_pipe), cfg).robust
+    other.load_state(state)
+    assert list(other.sets) == list(att.sets)
+    for key, sets in att.sets.items():
+        assert (other.sets[key].current, other.sets[key].refreshes) == (sets.current, sets.refreshes)
+        for a, b in zip(sets.softs, other.sets[key].softs):
+            assert torch.equal(a.vectors[0], b.vectors[0])
+    shared = Ablation(copy.deepcopy(toy_pipe), config_from_dict({"robust": True, "robust_inits": ["target", "anchor"]}))
+    with pytest.raises(ValueError, match="per concept"):
+        shared.robust.load_state(state)
+    # robust_concepts_per_refresh 0: one refresh trains every concept of the step
+    every = Ablation(copy.deepcopy(toy_pipe), config_from_dict({**to_dict(cfg), "robust_concepts_per_refresh": 0})).robust
+    every.refresh(batch, step=1)
+    assert {k: s.refreshes for k, s in every.sets.items()} == {"striped": 1, "zorb": 1}
+    # rows without the columns (a one-concept run) are all the run's own concept
+    for k in ("concept", "concept_anchor"):
+        del batch[k]
+    assert other.row_keys(batch, idx) == [cfg.concept.target] * 3
+
+
 def test_attack_settings_are_checked_with_the_field_named():
     with pytest.raises(ConfigError, match=r"attack\.num_vectors: must be >= 1"):
         A.InversionSettings(num_vectors=0).check()

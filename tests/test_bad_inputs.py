@@ -251,6 +251,8 @@ CATALOGUE = [
     ("robust-vectors-zero", "train", yaml_file("robust: true\nrobust_vectors: 0\n"), r"robust_vectors: must be >= 1"),
     ("robust-unknown-init", "train", yaml_file("robust: true\nrobust_inits: [anchor, sideways]\n"),
      r"robust_inits: must be a non-empty list of anchor, target, random"),
+    ("robust-concepts-per-refresh-negative", "train", yaml_file("robust: true\nrobust_concepts_per_refresh: -1\n"),
+     r"robust_concepts_per_refresh: must be >= 0 \(0: every concept of the step\)"),
     # the closed-form edit
     ("method-unknown", "train", flags("--method", "uce"), r"method: unknown method 'uce'; allowed: train, closed-form"),
     ("closed-form-robust", "train", flags("--method", "closed-form", "--robust"), r"method: robust: true trains"),

@@ -137,12 +137,17 @@ def test_the_joint_run_takes_the_command_lines_overrides_and_a_robust_concepts_a
     assert not b.concepts[0].cfg.robust and b.concepts[1].cfg.robust
     j = joint_config(b, ["striped", "zorb"])
     assert j.robust and j.w_robust == 5.0 and j.robust_inits == ["target"]
+    assert j.robust_per_concept and not b.concepts[1].cfg.robust_per_concept  # the joint run's rows hold both
     assert j.param_group == "xattn" and j.w_uncond == 30.0  # robust mode's defaults, as for a robust concept
     assert not joint_config(b, ["striped", "van-gogh"]).robust  # neither of these is robust
 
     # joint_overrides decides where it says so
     spec["batch"]["joint_overrides"] = {"steps": 2, "robust": False}
-    assert not joint_config(batch_from_dict(spec), ["striped", "zorb"]).robust
+    j = joint_config(batch_from_dict(spec), ["striped", "zorb"])
+    assert not j.robust and not j.robust_per_concept
+    spec["batch"]["joint_overrides"] = {"steps": 2, "robust_per_concept": False}
+    j = joint_config(batch_from_dict(spec), ["striped", "zorb"])
+    assert j.robust and not j.robust_per_concept
 
 
 def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
@@ -401,9 +406,17 @@ def test_a_changed_joint_config_trains_the_joint_model_again(first_run, models):
     delta = out / "joint" / "matcher_delta.safetensors"
     old = delta.read_bytes()
     lines = []
-    run_batch(batch_from_dict(_batch(joint_overrides={"steps": 3})), out, models, progress=lines.append)
+    # made robust: one inner attacker per concept, which reads each row's concept column
+    robust = {"steps": 3, "robust": True, "robust_inner_steps": 1, "robust_batch_size": 2}
+    run_batch(batch_from_dict(_batch(joint_overrides=robust)), out, models, progress=lines.append)
     text = "\n".join(lines)
     assert "joint: its config changed since it was trained; training again" in text, text
+    assert "robust, one inner attacker per concept" in text, text
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(str(out / "joint" / "rows"), columns=["target_caption", "concept", "concept_anchor"]).to_pylist()
+    assert {(r["concept"], r["concept_anchor"]) for r in rows} == {("striped", "plain"), ("zorb", "circle")}
+    assert all(r["concept"] == "zorb" for r in rows if "zorb" in r["target_caption"] and "stripe" not in r["target_caption"])
     assert "striped: already finished, skipped" in text and "merge: already done, skipped" in text
     assert "joint evaluation: already done, skipped" not in text  # a new joint model is evaluated again
     assert json.loads((out / "joint" / "status.json").read_text())["steps"] == 3

@@ -199,12 +199,14 @@ def run_joint(batch: Batch, out: Path, models, names: list[str], num_actors: int
             shutil.rmtree(jdir / "ray", ignore_errors=True)
             shutil.rmtree(jdir / "data", ignore_errors=True)
         dirs = _joint_sources(batch, out, models, names, num_actors, progress)
-        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed, rule)
+        rows_dir = _joint_rows(dirs, jdir / "rows", models.world, [c.cfg.concept for c in batch.concepts], cfg.seed, rule,
+                               need_concepts=cfg.robust_per_concept)
         summ = data_summary(rows_dir)
         robust_from = joint_robust_source(batch, names)
         progress(f"[batch] joint: {summ['rows']} rows ({summ['ablation_rows']} ablation) from {len(names)} concepts, "
                  f"{cfg.steps} steps, {cfg.num_workers} worker(s)"
-                 + (f", robust (as {robust_from} is)" if robust_from else ""))
+                 + ((", robust" + (f" (as {robust_from} is)" if robust_from else "")
+                     + (", one inner attacker per concept" if cfg.robust_per_concept else "")) if cfg.robust else ""))
         train = run_concept(cfg, jdir, models, data_dir=rows_dir, run_name="joint",
                             cpus_per_worker=_cpus_per_worker(batch, cfg, 1), max_failures=batch.settings.max_failures,
                             evaluation=None, log=lambda msg: progress(f"[batch:joint] {msg}"))["train"]
@@ -229,10 +231,11 @@ def _same_config(path: Path, cfg) -> bool:
 
 
 def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors: int,
-                   progress=print) -> list[str]:
+                   progress=print) -> list[tuple[str, object]]:
     """Each concept's training shards for the joint run, with captions that name no other target of
     the joint run where the world can steer its captions (the toy worlds): joint/data/<name>/. A
-    concept whose captions name no other target anyway uses its separate run's shards.
+    concept whose captions name no other target anyway uses its separate run's shards. Returns
+    (folder, the concept's ConceptSpec) pairs, its compositions' folder too where made.
 
     Why not every separate run's own rows: made for one concept, most of them name another target
     of the batch ("a wavy yellow tafi" among wavy's rows). Re-anchored for the joint run (see
@@ -252,17 +255,17 @@ def _joint_sources(batch: Batch, out: Path, models, names: list[str], num_actors
         rows = prompt_rows(cfg, models.world)
         if (own / "_SUCCESS").exists() and prompt_rows(cfg, models.world, others) == rows \
                 and _made_from(own.parent / "config.yaml", rows, models.world):
-            dirs.append(str(own))
+            dirs.append((str(own), cfg.concept))
             continue
         progress(f"[batch] joint: rows of {n} that name no other target ({k + 1}/{len(names)})")
         res = check_inputs(cfg, models)
-        dirs.append(str(build_training_data(cfg, models.model_path, models.clip, out / "joint" / "data" / n,
-                                            models.world, num_actors=num_actors, resolution=res,
-                                            exclude=others)))
+        dirs.append((str(build_training_data(cfg, models.model_path, models.clip, out / "joint" / "data" / n,
+                                             models.world, num_actors=num_actors, resolution=res,
+                                             exclude=others)), cfg.concept))
         if k_comp and (own / "_SUCCESS").exists():
             words = [models.world.concept_words(by[m].cfg.concept) for m in names if m != n]
             comp = _compositions(own, out / "joint" / "data" / f"{n}.compositions{k_comp}", words, k_comp, swaps)
-            dirs += [comp] if comp else []
+            dirs += [(comp, cfg.concept)] if comp else []
     return dirs
 
 
@@ -351,18 +354,22 @@ def _compositions(own: Path, dest: Path, other_words: list[list[str]], k: int,
     return str(dest) if rows else None
 
 
-def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int, rule: str) -> Path:
-    """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete)."""
+def _joint_rows(dirs: list[tuple[str, object]], rows_dir: Path, world, specs: list, seed: int, rule: str,
+                need_concepts: bool = False) -> Path:
+    """Every concept's rows, shuffled, into `rows_dir` (written once: `_SUCCESS` marks it complete),
+    each with its concept's target and anchor words (`method.CONCEPT_COLUMNS`: a robust joint run's
+    per-concept attacker; rows an older version wrote lack them and are rebuilt when `need_concepts`)."""
     import ray
 
     from ..data import write_shards
 
-    if (rows_dir / "_SUCCESS").exists() and _rows_made_by_rule(rows_dir, rule):
+    if (rows_dir / "_SUCCESS").exists() and _rows_made_by_rule(rows_dir, rule) \
+            and (not need_concepts or _has_concept_columns(rows_dir)):
         return rows_dir
     shutil.rmtree(rows_dir, ignore_errors=True)
     ds = None
-    for d in dirs:
-        part = ray.data.read_parquet(d)
+    for d, spec in dirs:
+        part = ray.data.read_parquet(d).map(_with_concept, fn_kwargs={"target": spec.target, "anchor": spec.anchor})
         ds = part if ds is None else ds.union(part)
     all_words = [world.concept_words(s) for s in specs]
     # One concept's rows know nothing of the others. An ablation row's anchor caption replaces its
@@ -380,6 +387,19 @@ def _joint_rows(dirs: list[str], rows_dir: Path, world, specs: list, seed: int, 
     write_shards(ds.random_shuffle(seed=seed), rows_dir)
     _rule_file(rows_dir).write_text(rule)
     return rows_dir
+
+
+def _with_concept(row: dict, target: str, anchor: str) -> dict:
+    return dict(row, concept=target, concept_anchor=anchor)
+
+
+def _has_concept_columns(rows_dir: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    from ..method import CONCEPT_COLUMNS
+
+    files = sorted(rows_dir.glob("*.parquet"))
+    return bool(files) and all(c in pq.read_schema(str(files[0])).names for c in CONCEPT_COLUMNS)
 
 
 def _rule_file(rows_dir: Path) -> Path:

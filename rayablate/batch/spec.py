@@ -238,7 +238,8 @@ def joint_config(batch: Batch, names: list[str]) -> AblationConfig:
     concept block, the concepts' steps summed, then `joint_overrides`. One model holds every concept,
     so if any of them is robust the joint run is robust too, with that concept's attacker settings
     (otherwise the batch's model would be the one edit of the batch that an inversion undoes);
-    `joint_overrides.robust` decides instead where it is set."""
+    `joint_overrides.robust` decides instead where it is set. A robust joint run keeps one inner
+    attacker per concept (`robust_per_concept`) unless `joint_overrides` says otherwise."""
     by = {c.name: c for c in batch.concepts}
     base = _deep_merge(batch.defaults, {"concept": to_dict(by[names[0]].cfg)["concept"]})
     base = _deep_merge(base, batch.overrides)
@@ -249,6 +250,9 @@ def joint_config(batch: Batch, names: list[str]) -> AblationConfig:
     steps = sum(by[n].cfg.steps for n in names)
     data = _deep_merge(base, {"steps": steps})
     data = _deep_merge(data, batch.settings.joint_overrides)
+    if "robust_per_concept" not in batch.settings.joint_overrides:
+        # its rows hold every concept: one inner attacker per concept (rayablate/robust.py)
+        data["robust_per_concept"] = data.get("robust") is True
     if "report_every" not in batch.settings.joint_overrides:  # about ten loss lines, however long the run
         data["report_every"] = max(20, -(-int(data["steps"]) // 10))
     try:
