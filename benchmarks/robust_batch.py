@@ -3,6 +3,7 @@
     python benchmarks/robust_batch.py                        # striped + zorb, robust, merged
     python benchmarks/robust_batch.py --inits target --images 16 --output-dir /tmp/rb
     python benchmarks/robust_batch.py --models separate,joint   # the joint run instead of the merge
+    python benchmarks/robust_batch.py --models joint --joint-overrides '{robust_concepts_per_refresh: 0}'
 
 Runs `jobs/batch_ablate.py` on a two-concept batch of the toy world (the default style `striped`,
 the default instance `zorb`) with `robust: true` for every concept (each with the job's two Ray Train
@@ -66,14 +67,23 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
     ap.add_argument("--models", default="separate,merged,sum", help="models to attack: separate, merged, sum, joint")
+    ap.add_argument("--joint-overrides", default="{}", metavar="YAML",
+                    help="the batch's joint_overrides, e.g. '{robust_concepts_per_refresh: 0}' (a changed joint "
+                         "config trains the joint run again; the concepts' runs are reused)")
     args = ap.parse_args()
+    try:
+        joint = yaml.safe_load(args.joint_overrides) or {}
+        if not isinstance(joint, dict):
+            raise ValueError("not a mapping")
+    except (yaml.YAMLError, ValueError) as e:
+        ap.error(f"--joint-overrides: need a YAML mapping like '{{steps: 800}}' ({' '.join(str(e).split())})")
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     # the batch builds only what is attacked: the merge for merged/sum, the joint run for joint
     BATCH["batch"].update(merge="merged" in models or "sum" in models, evaluate_sum="sum" in models,
-                          joint="joint" in models)
+                          joint="joint" in models, joint_overrides=joint)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robust_batch] {msg}", flush=True)  # noqa: E731
@@ -100,7 +110,7 @@ def main() -> int:
     strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_min=400, t_max=1000)
     inversions = [InversionSettings(**strong, init=i) for i in args.inits.split(",") if i]
     base = load_pipeline(bundle_paths()["sd"])
-    results: dict = {"batch_wall_s": wall, "concepts": {}}
+    results: dict = {"batch_wall_s": wall, "joint_overrides": joint, "concepts": {}}
     for c in BATCH["concepts"]:
         name = c["concept"]["target"]
         cfg = load_config(str(out / "batch" / "concepts" / name / "config.yaml"))
@@ -137,7 +147,8 @@ def markdown(results: dict) -> str:
 
     heads = {"separate": "separate (robust)", "merged": "merged (batch merge)", "sum": "naive sum",
              "joint": "joint (one robust run)"}
-    lines = [f"batch of 2 robust concepts: {results['batch_wall_s']:.0f} s"]
+    lines = [f"batch of 2 robust concepts: {results['batch_wall_s']:.0f} s"
+             + (f"; joint_overrides {results['joint_overrides']}" if results.get("joint_overrides") else "")]
     for name, res in results["concepts"].items():
         models = list(res)
         lines += [f"\n**{name}**\n", "| | " + " | ".join(heads[m] for m in models) + " | base model |",
