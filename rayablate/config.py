@@ -123,8 +123,8 @@ class AblationConfig:
     # the inner attacker's starts: one set of soft tokens per entry (anchor word, target word, random),
     # refreshed in turn, each warm-started from its own last refresh
     robust_inits: list[str] = dataclasses.field(default_factory=lambda: ["anchor", "target", "random"])
-    # one attacker per concept (each start per concept, keyed by the words each ablation row's caption
-    # replaces): the batch's joint run turns it on, as its rows hold many concepts
+    # one attacker per concept (its own set per start, keyed by each row's `concept` column): the
+    # batch's joint run turns it on, as its rows hold many concepts
     robust_per_concept: bool = False
     robust_concepts_per_refresh: int = 1  # per concept: the step's least refreshed concepts each refresh trains (0: all)
     robust_every: int = 1  # refresh the attack every this many steps

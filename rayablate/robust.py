@@ -59,11 +59,11 @@ def adversarial_caption(target: str, anchor: str, text: str) -> str:
 
 
 class _Sets:
-    """One concept's soft tokens: a set per start in `robust_inits`, the one refreshed last, and how
-    often the concept was refreshed."""
+    """One concept's soft tokens: a set per start in `robust_inits`, the one refreshed last, how
+    often the concept was refreshed, and the anchor word its anchor-started set began from."""
 
-    def __init__(self, softs: list[SoftTokens]):
-        self.softs, self.current, self.refreshes = softs, 0, 0
+    def __init__(self, softs: list[SoftTokens], anchor: str):
+        self.softs, self.anchor, self.current, self.refreshes = softs, anchor, 0, 0
 
     @property
     def soft(self) -> SoftTokens:
@@ -77,7 +77,8 @@ class InnerAttacker:
     `concept` column (its concept's target word; `concept_anchor` its anchor word, both written by
     the batch's joint rows; without them every row is the run's own concept), so an attack is
     searched and defended per concept, each set started from its own concept's words; a refresh
-    takes the step's least refreshed concept, on that concept's rows only. Otherwise one `_Sets`
+    takes the step's `robust_concepts_per_refresh` least refreshed concepts, each on its own rows
+    only. Otherwise one `_Sets`
     (key None) serves every row, started from the run's concept, and refreshes take its starts in
     turn by step."""
 
@@ -90,7 +91,6 @@ class InnerAttacker:
         self.encoders = list(teacher.text_encoders.values())  # frozen: robust mode trains UNet groups only
         self.per_concept = bool(cfg.robust_per_concept)
         self.sets: dict[str | None, _Sets] = {}
-        self.anchor_words: dict[str, str] = {}
         if not self.per_concept:
             self.sets[None] = self._make(cfg.concept.target, cfg.concept.anchor, 0)
         self._snap_params = dict(self.snapshot_unet.named_parameters())
@@ -102,13 +102,12 @@ class InnerAttacker:
         words = {"anchor": [anchor] if anchor else [], "target": [target] if target else [], "random": []}
         return _Sets([SoftTokens(self.tokenizers, self.encoders, cfg.robust_vectors, words[init],
                                  seed=cfg.seed + 7919 * (rank + 1) + 104729 * k + offset, device=self.ablation.device)
-                      for k, init in enumerate(cfg.robust_inits)])
+                      for k, init in enumerate(cfg.robust_inits)], anchor)
 
     def _sets_for(self, key: str, anchor: str) -> _Sets:
         """A concept's sets, made on first sight (seeded by the concept's word, so the order in which
         concepts appear does not matter)."""
         if key not in self.sets:
-            self.anchor_words[key] = anchor
             self.sets[key] = self._make(key, anchor, 1 + zlib.crc32(key.encode()) % 2**30)
         return self.sets[key]
 
@@ -237,7 +236,7 @@ class InnerAttacker:
         out = {"concepts": torch.tensor(len(self.sets))}
         for j, (key, sets) in enumerate(self.sets.items()):
             out[f"c{j}.words"] = torch.tensor(list(key.encode()), dtype=torch.uint8)
-            out[f"c{j}.anchor"] = torch.tensor(list(self.anchor_words[key].encode()), dtype=torch.uint8)
+            out[f"c{j}.anchor"] = torch.tensor(list(sets.anchor.encode()), dtype=torch.uint8)
             out[f"c{j}.current"] = torch.tensor(sets.current)
             out[f"c{j}.refreshes"] = torch.tensor(sets.refreshes)
             for k, soft in enumerate(sets.softs):
