@@ -1,16 +1,19 @@
-"""Default against robust ablation under attack, side by side, on the bundled toy world.
+"""Default against robust ablation under attack, side by side, on the bundled toy worlds.
 
     python benchmarks/robustness.py                 # both default concepts, the full attack suite
     python benchmarks/robustness.py --quick         # a smaller attack budget (a smoke run)
+    python benchmarks/robustness.py --concepts blix_v2   # world v2: blix, whose neighbours wear its hat
 
-For each concept (the default style `striped` and `configs/instance_zorb.yaml`) it runs the
-default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
+For each concept (world v1: the default style `striped` and `configs/instance_zorb.yaml`; world
+v2: `configs/instance_blix_v2.yaml` and `configs/instance_zorb_v2.yaml`, entangled characters whose
+held-out paraphrase is a description) it runs the default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
 process with its own local Ray, timed; all jobs first, one after the other), then attacks both
 deltas with the same attacks (concept inversions of 4 vectors, 600 steps at batch 32, lr 1e-2,
 from the anchor word on t in [400, 1000), from the target word, and random on t in [0, 1000);
 and the greedy prompt search), each also run on the base model as the sanity check. Printed per concept and mode:
 
-- plain: the target word's rate after ablation; paraphrase: the held-out paraphrase's rate;
+- plain: the target word's rate after ablation; paraphrase: the held-out paraphrase's rate (on
+  world v2 the description, e.g. "circle with a hat");
 - each attack's rate (and the base model's rate under the same attack);
 - preservation: the lowest after/before rate over the anchor and every neighbour, from the job's
   evaluation (32 images a group) and measured again on --kept-images (96) images a group, other
@@ -36,7 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CONCEPTS = {"striped": None, "zorb": "configs/instance_zorb.yaml"}
+CONCEPTS = {"striped": None, "zorb": "configs/instance_zorb.yaml",
+            "blix_v2": "configs/instance_blix_v2.yaml", "zorb_v2": "configs/instance_zorb_v2.yaml"}
+# The v2 configs set `steps: 100` (their default runs were measured there), which would also hold
+# the robust job below robust mode's own 200 steps: the robust job gets them back on its command line.
+ROBUST_STEPS = {"blix_v2": 200, "zorb_v2": 200}
+
+
+def world_of(cfg):
+    """(the concept's toy world, its base SD folder) for a loaded config."""
+    from rayablate.toyworld import toy_bundle_of
+    from rayablate.worlds import world_for
+
+    found = toy_bundle_of(cfg.model)
+    if found is None:
+        raise SystemExit(f"{cfg.model!r} is not a bundled toy model: this benchmark judges by a toy world's probe")
+    return world_for(cfg.model), str(found[1] / "sd")
 
 
 def suite(quick: bool):
@@ -50,10 +68,10 @@ def suite(quick: bool):
             PromptSearchSettings(length=2, candidates=32))
 
 
-def run_job(config: str | None, robust: bool, out: Path, log) -> float:
+def run_job(config: str | None, robust: bool, out: Path, log, extra: list[str] = ()) -> float:
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--output-dir", str(out), "--no-resume"]
     cmd += ["--config", str(ROOT / config)] if config else []
-    cmd += ["--robust"] if robust else []
+    cmd += ["--robust", *extra] if robust else []
     log(" ".join(cmd[1:]))
     t0 = time.time()
     with open(out.parent / f"{out.name}.log", "w") as f:
@@ -61,25 +79,23 @@ def run_job(config: str | None, robust: bool, out: Path, log) -> float:
     return time.time() - t0
 
 
-def fidelity(pipe, spec, judge, n: int, seed: int) -> float:
-    """Share of n prompts that do not name the target drawn with the object, colour and pattern asked
-    (for a style every toy prompt names some pattern: these name the others)."""
+def fidelity(pipe, spec, world, n: int, seed: int) -> float:
+    """Share of n prompts of `world` that do not name the target drawn with the object, colour and
+    pattern asked (for a style every toy prompt names some pattern: these name the others)."""
     from rayablate.sampling import prompt_seed, sample_images
-    from rayablate.toyworld import world as W
 
-    rows = list(W.iter_prompts_not_naming(spec.target, n, seed))
+    rows = list(world.w.iter_prompts_not_naming(spec.target, n, seed))
     imgs = sample_images(pipe, [p for p, _ in rows], [prompt_seed(seed, i) for i in range(len(rows))], 20, 4.0)
-    return judge.fidelity(imgs, [lab for _, lab in rows])
+    return world.judge().fidelity(imgs, [lab for _, lab in rows])
 
 
-def kept_rates(base, edited, cfg, judge, n: int, seed: int, cache: dict) -> dict:
+def kept_rates(base, edited, cfg, world, n: int, seed: int, cache: dict) -> dict:
     """after/before concept rate of the anchor and every neighbour on n images each (more than the
     job's evaluation: at 32 images one image is 3 points, the size of the issue's tolerance)."""
     from rayablate.sampling import prompt_seed, sample_images
-    from rayablate.toyworld.vocab import ToyWorld
 
-    out = {}
-    for g in ToyWorld().eval_groups(cfg.concept, n, seed):
+    judge, out = world.judge(), {}
+    for g in world.eval_groups(cfg.concept, n, seed):
         if g.name != "anchor" and not g.name.startswith("neighbours."):
             continue
         seeds = [prompt_seed(seed, i) for i in range(len(g.prompts))]
@@ -95,14 +111,12 @@ def kept_rates(base, edited, cfg, judge, n: int, seed: int, cache: dict) -> dict
 def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False, kept_images: int = 96) -> dict:
     from rayablate.attack import run_attacks
     from rayablate.pipeline import apply_delta, load_pipeline
-    from rayablate.toyworld import bundle_paths
-    from rayablate.toyworld.vocab import ToyWorld
 
-    world = ToyWorld()
+    world, sd = world_of(cfg)
     m = json.loads((out / "metrics.json").read_text())
     groups = m["groups"] if "groups" in m else m
     keep = [g for name, g in groups.items() if name == "anchor" or name.startswith("neighbours.")]
-    edited = load_pipeline(bundle_paths()["sd"])
+    edited = load_pipeline(sd)
     apply_delta(edited, str(out / "matcher_delta.safetensors"))
     old = m.get("attack")
     labels = [x.label() for x in plan.inversions] + ([f"prompt search {plan.prompt.length} tokens of "
@@ -119,13 +133,13 @@ def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False, ke
         from rayablate.attack import write_outputs
 
         write_outputs(out, group, rows)
-    kept = kept_rates(base, edited, cfg, world.judge(), kept_images, cfg.eval_seed + 5000,
+    kept = kept_rates(base, edited, cfg, world, kept_images, cfg.eval_seed + 5000,
                       base_cache.setdefault("kept_before", {}))
     return {"plain": groups["target"]["concept_rate_after"],
             "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after"),
             "preservation": min(g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for g in keep),
             "kept": kept, "preservation_large": min(k["kept"] for k in kept.values()),
-            "fidelity": fidelity(edited, cfg.concept, world.judge(), plan.num_images * 2, 4242),
+            "fidelity": fidelity(edited, cfg.concept, world, plan.num_images * 2, 4242),
             "attacks": group["attacks"]}
 
 
@@ -133,7 +147,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default="outputs/bench-robustness")
     ap.add_argument("--quick", action="store_true", help="one short inversion and a 1-token search (a smoke run)")
-    ap.add_argument("--concepts", default="striped,zorb", help="comma-separated: striped, zorb")
+    ap.add_argument("--concepts", default="striped,zorb",
+                    help=f"comma-separated, of: {', '.join(CONCEPTS)} (the _v2 ones on toy world v2)")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
     ap.add_argument("--kept-images", type=int, default=96,
@@ -141,6 +156,10 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the jobs and attacks already finished in --output-dir (same attack suite)")
     args = ap.parse_args()
+    names = args.concepts.split(",")
+    unknown = [n for n in names if n not in CONCEPTS]
+    if unknown:
+        ap.error(f"--concepts: unknown {', '.join(unknown)}; known: {', '.join(CONCEPTS)}")
 
     import torch
 
@@ -148,15 +167,12 @@ def main() -> int:
     from rayablate.attack import AttackPlan
     from rayablate.config import load_config
     from rayablate.pipeline import load_pipeline
-    from rayablate.toyworld import bundle_paths
-    from rayablate.toyworld.vocab import ToyWorld
 
     out_root = Path(args.output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robustness] {msg}", flush=True)  # noqa: E731
     inversions, prompt = suite(args.quick)
     results: dict = {}
-    names = args.concepts.split(",")
     walls: dict = {}
     for name in names:  # the jobs first, all in a row: their wall times are measured alike
         for mode in ("default", "robust"):
@@ -166,20 +182,23 @@ def main() -> int:
             if args.reuse and marker.exists():
                 walls[name, mode] = json.loads(marker.read_text())["wall_s"]
             else:
-                walls[name, mode] = run_job(CONCEPTS[name], mode == "robust", out, log)
+                walls[name, mode] = run_job(CONCEPTS[name], mode == "robust", out, log,
+                                            ["--steps", str(ROBUST_STEPS[name])] if name in ROBUST_STEPS else [])
                 marker.write_text(json.dumps({"wall_s": walls[name, mode]}))
             log(f"{name} {mode}: {walls[name, mode]:.0f} s")
-    base = load_pipeline(bundle_paths()["sd"])
+    bases: dict = {}
     for name in names:
-        config = CONCEPTS[name]
         res = results[name] = {}
         base_cache: dict = {}
         for mode in ("default", "robust"):
-            cfg = load_config(str(ROOT / config) if config else None, {"robust": mode == "robust" or None})
+            # the job's own config.yaml: its robust settings and its neighbours, automatic ones included
+            cfg = load_config(out_root / name / mode / "config.yaml")
+            world, sd = world_of(cfg)
+            base = bases.get(sd) or bases.setdefault(sd, load_pipeline(sd))
             plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.images, seed=cfg.eval_seed)
             res[mode] = {"wall_s": walls[name, mode], **measure(cfg, out_root / name / mode, base, base_cache, plan, log,
                                                                 args.reuse, args.kept_images)}
-        res["base_fidelity"] = fidelity(base, cfg.concept, ToyWorld().judge(), args.images * 2, 4242)
+        res["base_fidelity"] = fidelity(base, cfg.concept, world, args.images * 2, 4242)
         res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
