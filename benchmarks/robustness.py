@@ -108,11 +108,12 @@ def kept_rates(base, edited, cfg, world, n: int, seed: int, cache: dict) -> dict
     return out
 
 
-def measure(cfg, out: Path, base, base_cache, plan, log, reuse: bool = False, kept_images: int = 96) -> dict:
+def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: bool = False,
+            kept_images: int = 96) -> dict:
+    """One job's numbers: `world` and `sd` are its toy world and base SD folder (`world_of`)."""
     from rayablate.attack import run_attacks
     from rayablate.pipeline import apply_delta, load_pipeline
 
-    world, sd = world_of(cfg)
     m = json.loads((out / "metrics.json").read_text())
     groups = m["groups"] if "groups" in m else m
     keep = [g for name, g in groups.items() if name == "anchor" or name.startswith("neighbours.")]
@@ -194,10 +195,12 @@ def main() -> int:
             # the job's own config.yaml: its robust settings and its neighbours, automatic ones included
             cfg = load_config(out_root / name / mode / "config.yaml")
             world, sd = world_of(cfg)
-            base = bases.get(sd) or bases.setdefault(sd, load_pipeline(sd))
+            if sd not in bases:
+                bases[sd] = load_pipeline(sd)
+            base = bases[sd]
             plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.images, seed=cfg.eval_seed)
-            res[mode] = {"wall_s": walls[name, mode], **measure(cfg, out_root / name / mode, base, base_cache, plan, log,
-                                                                args.reuse, args.kept_images)}
+            res[mode] = {"wall_s": walls[name, mode], **measure(cfg, world, sd, out_root / name / mode, base, base_cache,
+                                                                plan, log, args.reuse, args.kept_images)}
         res["base_fidelity"] = fidelity(base, cfg.concept, world, args.images * 2, 4242)
         res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
