@@ -469,6 +469,23 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
+def exit_process(code: int):
+    """End a job script's process with `code` (`jobs/*.py`, the `rayablate` command). Python's last
+    act is a full garbage collection over every object torch, diffusers and Ray created: 1.5-1.9 s
+    of a job's wall time on 2 cores, with nothing left to free in a process about to end. Frozen
+    objects are skipped; atexit handlers (Ray's shutdown among them) still run, and files still
+    close. Only for a process that ends here: a test calling `main` keeps collecting."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
+
+
+def run() -> None:
+    """The `rayablate` console command: `main` on sys.argv, then `exit_process`."""
+    exit_process(main())
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -22,6 +22,17 @@ def run_job(args, env=None, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def test_exit_process_keeps_the_exit_code_and_runs_atexit_handlers(tmp_path):
+    """jobs/*.py end through `exit_process` (frozen objects skip Python's last garbage collection):
+    the code must still reach the shell, and atexit handlers (Ray's shutdown) must still run."""
+    mark = tmp_path / "atexit-ran"
+    code = ("import atexit, pathlib, sys; sys.path.insert(0, '.'); from rayablate.cli import exit_process; "
+            f"atexit.register(lambda: pathlib.Path({str(mark)!r}).write_text('yes')); exit_process(3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert mark.read_text() == "yes"
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--model", "/definitely/not/here"], "model path does not exist"),
     (["--lr-matcher", "0"], "lr_matcher"),
