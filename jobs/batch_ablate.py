@@ -84,5 +84,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from rayablate.cli import exit_process
+    from rayablate.resources import tune_gc
 
+    tune_gc()
     exit_process(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayablate.cli import exit_process, main  # noqa: E402
+from rayablate.cli import script  # noqa: E402
 
 if __name__ == "__main__":
-    exit_process(main(["tune", *sys.argv[1:]]))
+    script("tune")

@@ -12,9 +12,30 @@ The Ray jobs (`jobs/train.py`, `jobs/batch_ablate.py`, `jobs/tune.py`) run the s
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+
+if _os.environ.get("RAYABLATE_TUNE_GC") == "1":  # a worker of a job's local Ray (resources.TUNE_GC_ENV)
+    from .resources import tune_gc as _tune_gc
+
+    _tune_gc()
+
 from .api import Concept, Delta, Report, ablate, evaluate  # noqa: E402
 from .config import AblationConfig, ConfigError  # noqa: E402
-from .pipeline import apply_delta, load_pipeline  # noqa: E402
+
+# torch and diffusers load on first use: every Ray worker imports this package to reach the module it
+# needs (Ray Train's controller unpickles a config), and torch alone is a second of CPU.
+_LAZY = {"apply_delta": "pipeline", "load_pipeline": "pipeline"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["AblationConfig", "Concept", "ConfigError", "Delta", "Report", "ablate", "apply_delta", "evaluate",
            "load_pipeline", "__version__"]

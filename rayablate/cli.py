@@ -469,12 +469,21 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
+def script(*command: str) -> None:
+    """A job script's whole process (`jobs/*.py`, the `rayablate` command): `resources.tune_gc`, then
+    `main` on `command` + the command line, then `exit_process` with its code."""
+    from .resources import tune_gc
+
+    tune_gc()
+    exit_process(main([*command, *sys.argv[1:]]))
+
+
 def exit_process(code: int):
-    """End a job script's process with `code` (`jobs/*.py`, the `rayablate` command). Python's last
-    act is a full garbage collection over every object torch, diffusers and Ray created: 1.5-1.9 s
-    of a job's wall time on 2 cores, with nothing left to free in a process about to end. Frozen
-    objects are skipped; atexit handlers (Ray's shutdown among them) still run, and files still
-    close. Only for a process that ends here: a test calling `main` keeps collecting."""
+    """End a job script's process with `code`. Python's last act is a full garbage collection over
+    every object torch, diffusers and Ray created: 1.6-1.7 s of a job's wall time on 2 cores, with
+    nothing left to free in a process about to end. Frozen objects are skipped; atexit handlers
+    (Ray's shutdown among them) still run, and files still close. Only for a process that ends
+    here: a test calling `main` keeps collecting."""
     import gc
 
     gc.freeze()
@@ -482,8 +491,8 @@ def exit_process(code: int):
 
 
 def run() -> None:
-    """The `rayablate` console command: `main` on sys.argv, then `exit_process`."""
-    exit_process(main())
+    """The `rayablate` console command."""
+    script()
 
 
 def main(argv=None) -> int:
