@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 
 import os as _os  # noqa: E402
 
-if _os.environ.get("RAYABLATE_TUNE_GC") == "1":  # a worker of a job's local Ray (resources.TUNE_GC_ENV)
-    from .resources import tune_gc as _tune_gc
+from .resources import TUNE_GC_ENV as _TUNE_GC_ENV, tune_gc as _tune_gc  # noqa: E402 (stdlib only)
 
+if _os.environ.get(_TUNE_GC_ENV) == "1":  # a worker of a local Ray that a job started (job.init_ray)
     _tune_gc()
 
 from .api import Concept, Delta, Report, ablate, evaluate  # noqa: E402
