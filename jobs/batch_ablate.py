@@ -83,8 +83,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from rayablate.cli import exit_process
-    from rayablate.resources import tune_gc
+    from rayablate.cli import script
 
-    tune_gc()
-    exit_process(main())
+    script(entry=main)

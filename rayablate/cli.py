@@ -469,13 +469,14 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
-def script(*command: str) -> None:
+def script(*command: str, entry=None) -> None:
     """A job script's whole process (`jobs/*.py`, the `rayablate` command): `resources.tune_gc`, then
-    `main` on `command` + the command line, then `exit_process` with its code."""
+    `entry()` (a script with its own parser, jobs/batch_ablate.py) or else `main` on `command` + the
+    command line, then `exit_process` with its code."""
     from .resources import tune_gc
 
     tune_gc()
-    exit_process(main([*command, *sys.argv[1:]]))
+    exit_process(entry() if entry is not None else main([*command, *sys.argv[1:]]))
 
 
 def exit_process(code: int):
