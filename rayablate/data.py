@@ -265,6 +265,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     import ray
 
     from .image_cache import BaseImageCache
+    from .resources import sampler_threads
     from .sampling import sample_dataset
 
     out_dir = Path(out_dir)
@@ -298,7 +299,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     else:
         ds = sample_dataset(rows, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
                             use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption",
-                            batch_size=16)
+                            batch_size=16, threads=sampler_threads(num_actors, cfg.use_gpu))
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=masker, batch_size=128,

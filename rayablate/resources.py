@@ -23,6 +23,19 @@ def actor_resources(use_gpu: bool) -> dict:
     return {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}
 
 
+def sampler_threads(num_actors: int, use_gpu: bool) -> int:
+    """Torch threads of each of the data stage's `num_actors` sampler actors: one on a GPU; on CPUs
+    the smallest node's CPUs shared among them, at most 4. The stage's CLIP actor waits for its first
+    batch of 128 rows while the anchor images are drawn, so a one-thread sampler left the second of
+    2 cores idle (the evaluation's samplers, two actors side by side, keep one thread each)."""
+    if use_gpu:
+        return 1
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    return max(1, min(4, int(min(cpus, default=1)) // max(1, num_actors)))
+
+
 # Python's cyclic garbage collector in a job's processes (the driver, Ray Data's actors, Ray Train's
 # workers). Each imports torch, diffusers, DeepSpeed or open_clip and loads a model: millions of
 # long-lived objects. With Python's default thresholds (700, 10, 10) a full collection runs each time

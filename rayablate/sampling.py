@@ -33,10 +33,11 @@ class Sampler:
     """
 
     def __init__(self, model_path: str, deltas: dict[str, str | None], prompt_column: str = "prompt",
-                 steps: int | None = None, guidance: float | None = None, use_gpu: bool = False):
+                 steps: int | None = None, guidance: float | None = None, use_gpu: bool = False,
+                 threads: int = 1):
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, int(threads)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model_path, self.deltas, self.pipes = model_path, dict(deltas), {}
         self.prompt_column, self.steps, self.guidance = prompt_column, steps, guidance
@@ -95,10 +96,10 @@ def balanced_batch_size(num_rows: int, num_actors: int, largest: int) -> int:
 
 def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *, steps: int | None = None,
                    guidance: float | None = None, use_gpu: bool = False, num_actors: int = 1,
-                   prompt_column: str = "prompt", batch_size: int = 16):
+                   prompt_column: str = "prompt", batch_size: int = 16, threads: int = 1):
     """A Ray Dataset (rows as dicts, or a Dataset) with `Sampler` mapped over it in an actor pool.
     Rows given as dicts are batched evenly across the actors (`balanced_batch_size`, at most
-    `batch_size` a batch)."""
+    `batch_size` a batch). `threads`: torch threads of each sampler actor."""
     import ray
 
     from .resources import actor_resources
@@ -110,7 +111,7 @@ def sample_dataset(rows_or_ds, model_path: str, deltas: dict[str, str | None], *
         ds, batch_size = ray.data.from_items(rows), balanced_batch_size(len(rows), num_actors, batch_size)
     return ds.map_batches(Sampler, fn_constructor_kwargs=dict(
         model_path=model_path, deltas=deltas, prompt_column=prompt_column, steps=steps, guidance=guidance,
-        use_gpu=use_gpu), batch_size=batch_size,
+        use_gpu=use_gpu, threads=threads), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_actors), **actor_resources(use_gpu))
 
 

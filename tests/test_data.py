@@ -398,3 +398,22 @@ def test_the_sampler_draws_only_the_rows_without_an_image(tiny_pipe):
     assert np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[0], decode_png(sentinel))
     fresh = sampler({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
     assert np.array_equal(decode_png(fresh[0]), drawn[0])
+
+
+def test_the_data_stages_one_sampler_draws_on_every_core_of_the_node(ray_local):
+    """On 2 CPUs the data stage's one sampler actor draws on both cores (its CLIP actor waits for the
+    rows meanwhile); two actors share them; a GPU sampler keeps one thread."""
+    import torch
+
+    from rayablate.resources import sampler_threads
+    from rayablate.sampling import Sampler
+
+    assert sampler_threads(1, use_gpu=False) == 2
+    assert sampler_threads(2, use_gpu=False) == 1
+    assert sampler_threads(1, use_gpu=True) == 1
+    before = torch.get_num_threads()
+    try:
+        Sampler("unused", {"image": None}, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
