@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import AblationConfig, ConfigError, save_config
 from .prompts import anchor_label
 from .report import console_summary
-from .resources import TUNE_GC_ENV
+from .resources import OWNED_RAY_ENV, TUNE_GC_ENV
 from .worlds import PromptWorld, world_for
 
 
@@ -227,7 +227,8 @@ def remove_partial_outputs(out: Path, run_dir: Path | None = None) -> list[Path]
     return gone
 
 
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                   "RAY_TRAIN_METRICS_ENABLED": "0", OWNED_RAY_ENV: "1"}
 
 
 def init_ray(num_cpus: int | None = None):
@@ -253,7 +254,9 @@ def init_ray(num_cpus: int | None = None):
         # A Ray this process owns has one node and dies with it. Ray Train's controller polls its
         # workers every 2 s by default, so a finished fit waited up to 2 s to be noticed; its
         # preemption watcher (an actor, one more process start before the workers) guards cloud
-        # spot nodes a local Ray does not have. Set only where the user has not.
+        # spot nodes a local Ray does not have; its metrics feed a Prometheus nobody scrapes here.
+        # OWNED_RAY_ENV: the driver's own fits leave out two more helper actors
+        # (`train._owned_ray_trainer`). Set only where the user has not.
         for key, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(key, value)
         # Its workers inherit this environment: each tunes its collector as it imports rayablate

@@ -47,6 +47,10 @@ GC_THRESHOLDS = (10_000, 10, 10)
 # Set to "1" by `job.init_ray` before it starts a local Ray, whose workers inherit it: a worker
 # that imports rayablate then calls `tune_gc` first thing (rayablate/__init__.py).
 TUNE_GC_ENV = "RAYABLATE_TUNE_GC"
+# Set to "1" by `job.init_ray` in a local Ray it starts (its workers, Tune's trials among them,
+# inherit it): the Ray lives and dies with the job's driver (`train.make_trainer` then leaves out
+# Ray Train's helpers that guard a long-lived cluster).
+OWNED_RAY_ENV = "RAYABLATE_OWNED_RAY"
 
 
 def tune_gc() -> None:

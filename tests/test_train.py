@@ -458,3 +458,37 @@ def test_robust_mode_keeps_replicas_checkpoints_its_attacker_and_resumes_exactly
     b, _ = read_delta(second["delta_path"])
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert a.keys() == b.keys() and diff <= 1e-6, diff
+
+
+def test_a_ray_the_job_owns_trains_without_the_cluster_guards(ray_session, train_ds, tiny_sd_path, tmp_path,
+                                                              monkeypatch):
+    """In a Ray the job's driver started (`job.init_ray`), Ray Train's placement-group cleaner is left
+    out, and so is its dataset manager when the workers read their own shards; any other Ray keeps both."""
+    from rayablate.data import LocalShards
+    from rayablate.resources import OWNED_RAY_ENV
+    from rayablate.train import make_trainer
+
+    def helpers(ds):
+        trainer = make_trainer(_cfg(), ds, str(tiny_sd_path), str(tmp_path / "runs"), cpus_per_worker=0.5)
+        names = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+        return {n for n in ("PlacementGroupCleanerCallback", "DatasetsCallback") if n in names}, names
+
+    monkeypatch.delenv(OWNED_RAY_ENV, raising=False)
+    kept, names = helpers(LocalShards(str(tmp_path)))
+    assert kept == {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    monkeypatch.setenv(OWNED_RAY_ENV, "1")
+    dropped, owned = helpers(LocalShards(str(tmp_path)))
+    assert dropped == set() and "BackendSetupCallback" in owned and len(owned) == len(names) - 2
+    assert helpers(train_ds)[0] == {"DatasetsCallback"}  # a Ray Dataset still needs the manager to split it
+
+    @ray_session.remote(num_cpus=0)
+    def in_a_task(path):  # a batch's concept run, a Tune trial: inside Ray, where a fit may be stopped
+        from rayablate.config import config_from_dict
+        from rayablate.data import LocalShards
+        from rayablate.train import make_trainer
+
+        trainer = make_trainer(config_from_dict({}), LocalShards(path), path, path + "/runs", cpus_per_worker=0.5)
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    inside = ray_session.get(in_a_task.options(runtime_env={"env_vars": {OWNED_RAY_ENV: "1"}}).remote(str(tmp_path)))
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= inside
