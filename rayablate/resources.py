@@ -24,13 +24,16 @@ def actor_resources(use_gpu: bool) -> dict:
 
 
 def sampler_threads(num_actors: int, use_gpu: bool) -> int:
-    """Torch threads of each of the data stage's `num_actors` sampler actors: one on a GPU; on CPUs
-    the smallest node's CPUs shared among them, at most 4. The stage's CLIP actor waits for its first
-    batch of 128 rows while the anchor images are drawn, so a one-thread sampler left the second of
-    2 cores idle (the evaluation's samplers, two actors side by side, keep one thread each)."""
-    if use_gpu:
-        return 1
+    """Torch threads of each of the data stage's `num_actors` sampler actors: for a data stage the
+    driver runs, on CPUs, the smallest node's CPUs shared among them, at most 4. The stage's CLIP
+    actor waits for its first batch of 128 rows while the anchor images are drawn, so a one-thread
+    sampler left the second of 2 cores idle. One thread on a GPU, and for data stages run inside Ray
+    (a batch's concept tasks, Tune's trials), which may run side by side; the evaluation's
+    samplers, two actors at once, keep one thread each too."""
     import ray
+
+    if use_gpu or ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
+        return 1
 
     cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     return max(1, min(4, int(min(cpus, default=1)) // max(1, num_actors)))

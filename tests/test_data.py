@@ -401,8 +401,9 @@ def test_the_sampler_draws_only_the_rows_without_an_image(tiny_pipe):
 
 
 def test_the_data_stages_one_sampler_draws_on_every_core_of_the_node(ray_local):
-    """On 2 CPUs the data stage's one sampler actor draws on both cores (its CLIP actor waits for the
-    rows meanwhile); two actors share them; a GPU sampler keeps one thread."""
+    """On 2 CPUs the driver's data stage's one sampler actor draws on both cores (its CLIP actor waits
+    for the rows meanwhile); two actors share them; a GPU sampler, or one of a data stage run inside
+    Ray, keeps one thread."""
     import torch
 
     from rayablate.resources import sampler_threads
@@ -411,6 +412,14 @@ def test_the_data_stages_one_sampler_draws_on_every_core_of_the_node(ray_local):
     assert sampler_threads(1, use_gpu=False) == 2
     assert sampler_threads(2, use_gpu=False) == 1
     assert sampler_threads(1, use_gpu=True) == 1
+
+    @ray_local.remote(num_cpus=0)
+    def in_a_task():  # a batch's concept run, a Tune trial: data stages that may run side by side
+        from rayablate.resources import sampler_threads
+
+        return sampler_threads(1, use_gpu=False)
+
+    assert ray_local.get(in_a_task.remote()) == 1
     before = torch.get_num_threads()
     try:
         Sampler("unused", {"image": None}, threads=2)
