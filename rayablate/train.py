@@ -561,7 +561,9 @@ def _owned_ray_trainer():
     - the dataset manager, an actor that splits `datasets` for the workers, when there are none
       (`data.LocalShards`: each worker reads its own shards).
 
-    Each is one more process start, 1.2-1.6 s of CPU on the cores the job's own work needs."""
+    Each is one more process start, 1.2-1.6 s of CPU on the cores the job's own work needs. The hook
+    (`_create_default_callbacks`) is private to Ray Train V2 as pinned (ray 2.60);
+    tests/test_train.py checks which helpers a fit gets."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
