@@ -23,6 +23,14 @@ def actor_resources(use_gpu: bool) -> dict:
     return {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}
 
 
+def in_driver() -> bool:
+    """Whether this process is the Ray driver, not a task or actor inside Ray (a batch's concept
+    task, a Tune trial), where runs may sit side by side on the same cores or be stopped from outside."""
+    import ray
+
+    return ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+
+
 def sampler_threads(num_actors: int, use_gpu: bool) -> int:
     """Torch threads of each of the data stage's `num_actors` sampler actors: for a data stage the
     driver runs, on CPUs, the smallest node's CPUs shared among them, at most 4. The stage's CLIP
@@ -32,9 +40,8 @@ def sampler_threads(num_actors: int, use_gpu: bool) -> int:
     samplers, two actors at once, keep one thread each too."""
     import ray
 
-    if use_gpu or ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
+    if use_gpu or not in_driver():
         return 1
-
     cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     return max(1, min(4, int(min(cpus, default=1)) // max(1, num_actors)))
 

@@ -29,7 +29,7 @@ from .config import AblationConfig, config_from_dict, to_dict
 from .files import atomic, write_json
 from .method import TERMS, Ablation, Position, ShardCache, epoch_seed, mean_metrics, step_batches, train_step
 from .pipeline import delta_digest, load_pipeline
-from .resources import OWNED_RAY_ENV, cpu_share
+from .resources import OWNED_RAY_ENV, cpu_share, in_driver
 
 DELTA_NAME = "matcher_delta.safetensors"
 STATE_NAME = "train_state.json"
@@ -534,7 +534,7 @@ def make_trainer(cfg: AblationConfig, train_ds, model_path: str, storage_path: s
     from .storage import train_storage
 
     storage_path, storage_filesystem = train_storage(str(storage_path))
-    owned = os.environ.get(OWNED_RAY_ENV) == "1" and ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+    owned = os.environ.get(OWNED_RAY_ENV) == "1" and in_driver()
     trainer_cls = _owned_ray_trainer() if owned else TorchTrainer
     return trainer_cls(
         train_loop_per_worker,
