@@ -14,6 +14,7 @@ resolution), `target_caption` (c*), `anchor_caption` (c; equal to c* on preserva
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -91,6 +92,28 @@ def skip_shm_collective() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+@contextlib.contextmanager
+def no_compile_on_import():
+    """Run DeepSpeed's engine set-up with TorchDynamo off (TORCHDYNAMO_DISABLE=1), unless the user set it.
+
+    With ZeRO on, `deepspeed.initialize` checks the client optimizer against its supported list, and
+    that check imports DeepSpeed's Muon optimizer, whose module-level `@torch.compile` decorators import
+    TorchInductor: 1.1 of the 1.5 s a worker's two engines took on this 2-core machine, in every
+    training worker of every job. Nothing here uses Muon or torch.compile; with Dynamo off the
+    decorators return the plain functions and nothing is imported. The variable is restored after,
+    so the process's own torch.compile calls (none in rayablate) behave as before; only the
+    decorators that ran meanwhile stay plain."""
+    key = "TORCHDYNAMO_DISABLE"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 class EngineOptimizers:
     """The core's optimizers as DeepSpeed engines: the matcher's AdamW and the discriminator's Adam,
     each in its own engine (ZeRO stage and precision from the config). Same `step(out)` as
@@ -104,8 +127,9 @@ class EngineOptimizers:
         opt = torch.optim.AdamW(trainable, lr=cfg.lr_matcher)
         if ablation.device.type != "cuda":
             skip_shm_collective()
-        self.matcher, _, _, _ = deepspeed.initialize(model=ablation.student, model_parameters=trainable,
-                                                     optimizer=opt, config=deepspeed_config(cfg, trainable))
+        with no_compile_on_import():
+            self.matcher, _, _, _ = deepspeed.initialize(model=ablation.student, model_parameters=trainable,
+                                                         optimizer=opt, config=deepspeed_config(cfg, trainable))
         _load_weights_only(self.matcher)
         ablation.student_fn = self.matcher
         self.disc = None
@@ -113,8 +137,9 @@ class EngineOptimizers:
             ablation.disc.to(ablation.compute_dtype)  # DeepSpeed casts parameters only; spectral norm's buffers too
             dparams = list(ablation.disc.parameters())
             dopt = torch.optim.Adam(dparams, lr=cfg.lr_disc, betas=(0.5, 0.999))
-            self.disc, _, _, _ = deepspeed.initialize(model=ablation.disc, model_parameters=dparams,
-                                                      optimizer=dopt, config=deepspeed_config(cfg, dparams))
+            with no_compile_on_import():
+                self.disc, _, _, _ = deepspeed.initialize(model=ablation.disc, model_parameters=dparams,
+                                                          optimizer=dopt, config=deepspeed_config(cfg, dparams))
             _load_weights_only(self.disc)
             ablation.disc_fn = self.disc
 
@@ -239,7 +264,7 @@ class _Worker:
         self.pos, self.history = Position(), []
         self._restore()
         self.start_step = self.pos.step
-        self.log(f"rank 0 of {self.world}: setup {time.time() - t0:.1f} s (load {t_load - t0:.1f}, models "
+        self.log(f"rank {self.rank} of {self.world}: setup {time.time() - t0:.1f} s (load {t_load - t0:.1f}, models "
                  f"{t_models - t_load:.1f}, engines {t_engines - t_models:.1f}, restore {time.time() - t_engines:.1f}); "
                  f"training {cfg.param_group} "
                  f"({len(self.ablation.trainable_names)} tensors) for {cfg.steps} steps, ZeRO-{cfg.zero_stage}, "

@@ -219,6 +219,45 @@ def test_the_deepspeed_engines_compile_no_cpp_op_on_cpu(reference_run):
     assert reference_run["final_step"] == 6 and built == [], built
 
 
+ENGINES_IN_A_FRESH_PROCESS = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch
+import torch.distributed as dist
+from rayablate.config import AblationConfig
+from rayablate.method import Ablation
+from rayablate.pipeline import load_pipeline
+from rayablate.train import EngineOptimizers
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = AblationConfig(steps=2, batch_size=2, num_workers=1, zero_stage=2)
+engines = EngineOptimizers(Ablation(load_pipeline(sys.argv[1]), cfg, torch.device("cpu"), 0, 64))
+print(json.dumps({"zero": engines.matcher.zero_optimization_stage(), "disc": engines.disc is not None,
+                  "inductor": "torch._inductor.compile_fx" in sys.modules,
+                  "env": os.environ.get("TORCHDYNAMO_DISABLE")}))
+"""
+
+
+@pytest.mark.parametrize("user_env", [None, "0"])
+def test_the_deepspeed_engines_set_up_without_importing_torchinductor(tiny_sd_path, user_env):
+    # ZeRO's optimizer check imports DeepSpeed's Muon module, whose @torch.compile decorators imported
+    # TorchInductor (1.1 s of a worker's 1.5 s of engine set-up): train.no_compile_on_import. A user's
+    # own TORCHDYNAMO_DISABLE is left as it is (with "0" the import happens, as without rayablate).
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    if user_env is not None:
+        env["TORCHDYNAMO_DISABLE"] = user_env
+    port = str(29400 + os.getpid() % 500 + (0 if user_env is None else 1))
+    out = subprocess.run([sys.executable, "-c", ENGINES_IN_A_FRESH_PROCESS, str(tiny_sd_path), port], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["zero"] == 2 and res["disc"]
+    assert res["inductor"] is (user_env == "0") and res["env"] == user_env, res
+
+
 def test_trained_delta_changes_only_the_xattn_kv_group(reference_run, tiny_sd_path):
     from rayablate.pipeline import apply_delta, group_parameter_names, load_pipeline, read_delta
 
