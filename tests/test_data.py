@@ -150,6 +150,13 @@ def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_cl
     out1 = build_training_data(cfg1, str(tiny_sd_path), str(tiny_clip_path), tmp_path / "data1", ToyWorld())
     rows1 = pq.read_table(str(out1)).to_pylist()
     assert all(r["mask"] == 0 and r["anchor_caption"] == r["target_caption"] for r in rows1)
+    # written interleaved (the rows are permuted before they are drawn; no shuffle after masking): both
+    # halves of the written order hold ablation candidates (the first 8 seeds) and preservation rows
+    first = cfg1.seed * 100003
+    ablation = [r["seed"] - first < 8 for r in rows1]
+    assert sorted(r["seed"] for r in rows1) == list(range(first, first + len(rows1))) and sum(ablation) == 8
+    half = len(rows1) // 2
+    assert all(any(part) and not all(part) for part in (ablation[:half], ablation[half:])), ablation
     _local_shards_split_the_canonical_rows(out, out1)
 
 
