@@ -19,7 +19,10 @@ The same ablation is run twice, each in a fresh process, one after the other:
 It prints each stage's seconds and the ratio ray / in-process, end to end (the wall time of the
 whole command, as a user waits for it) and per stage, and both sides' quality (target rate after,
 lowest kept rate of the anchor and neighbours), then writes overhead.json and overhead.md under
---output-dir. Ratios, not seconds, are the numbers to compare across machines.
+--output-dir. Ratios, not seconds, are the numbers to compare across machines. With `--rounds N`
+the two sides alternate N times: each cell is then the median over the rounds, each ratio the
+median of the rounds' own ratios with their range (one round's end-to-end ratio moved by +-0.06
+between two runs of the same code on 2 cores).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -93,17 +97,41 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def table(res: dict) -> str:
-    ray_s, ip_s = res["ray"]["stages"], res["in_process"]["stages"]
-    lines = ["| stage | ray job (s) | in-process (s) | ray / in-process |", "|---|---|---|---|"]
-    for k in [k for k in ("setup", "data", "edit", "training", "evaluation") if k in ray_s or k in ip_s]:
-        a, b = ray_s.get(k), ip_s.get(k)
-        ratio = f"{a / b:.2f}x" if a is not None and b else "–"
-        lines.append(f"| {k} | {a:.1f} | {b:.1f} | {ratio} |" if a is not None and b is not None
-                     else f"| {k} | {a} | {b} | – |")
-    a, b = res["ray"]["wall_s"], res["in_process"]["wall_s"]
-    lines.append(f"| **end to end** | {a:.1f} | {b:.1f} | **{a / b:.2f}x** |")
-    qa, qb = res["ray"]["quality"], res["in_process"]["quality"]
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def table(rounds: list[dict]) -> str:
+    """The stage table over `rounds` (each {"ray", "in_process"}): medians, and with several rounds
+    the median of the rounds' ratios with their range."""
+    def cell(side, k):
+        vals = [r[side]["wall_s"] if k == "wall" else r[side]["stages"].get(k) for r in rounds]
+        return None if any(v is None for v in vals) else vals
+
+    def ratio(a, b, bold=False):
+        rs = [x / y for x, y in zip(a, b)]
+        text = f"{_median(rs):.2f}x"
+        text = f"**{text}**" if bold else text
+        return text + (f" ({min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else "")
+
+    first = rounds[0]
+    n = len(rounds)
+    head = "| stage | ray job (s) | in-process (s) | ray / in-process |" if n == 1 else \
+        f"| stage | ray job (s, median of {n}) | in-process (s, median of {n}) | ray / in-process (median, range) |"
+    lines = [head, "|---|---|---|---|"]
+    keys = [k for k in ("setup", "data", "edit", "training", "evaluation")
+            if k in first["ray"]["stages"] or k in first["in_process"]["stages"]]
+    for k in keys:
+        a, b = cell("ray", k), cell("in_process", k)
+        if a is None or b is None:
+            lines.append(f"| {k} | {a and _median(a)} | {b and _median(b)} | – |")
+        else:
+            lines.append(f"| {k} | {_median(a):.1f} | {_median(b):.1f} | {ratio(a, b) if all(b) else '–'} |")
+    a, b = cell("ray", "wall"), cell("in_process", "wall")
+    lines.append(f"| **end to end** | {_median(a):.1f} | {_median(b):.1f} | {ratio(a, b, bold=True)} |")
+    qa, qb = rounds[-1]["ray"]["quality"], rounds[-1]["in_process"]["quality"]
     fmt = lambda q: f"target {q['target']:.2f}, kept >= {q['kept_min']:.2f}"  # noqa: E731
     lines += ["", f"quality: ray job {fmt(qa)}; in-process {fmt(qb)}"]
     return "\n".join(lines)
@@ -114,28 +142,41 @@ def main() -> int:
     ap.add_argument("--config", help="a concept YAML (default: the default style concept)")
     ap.add_argument("--args", default="", help="more jobs/train.py flags for both sides, e.g. \"--steps 50\"")
     ap.add_argument("--output-dir", default="outputs/bench-overhead")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the two sides this many times; report medians (default 1)")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job-args", default="", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_process:
         return in_process(args)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, not {args.rounds}")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     job_args = (["--config", str(Path(args.config).resolve())] if args.config else []) + shlex.split(args.args)
-    print(f"[overhead] ray job: jobs/train.py {' '.join(job_args)}", flush=True)
-    # --no-image-cache: the in-process side draws every image, so the job does too (the cache's gain is
-    # measured by benchmarks/default_job.py, not counted as less framework overhead)
-    wall = run([sys.executable, str(ROOT / "jobs" / "train.py"), *job_args, "--output-dir", str(out / "ray"),
-                "--no-resume", "--no-image-cache"], out / "ray.log")
-    m = json.loads((out / "ray" / "metrics.json").read_text())
-    res = {"ray": {"wall_s": wall, "stages": m["stage_seconds"], "quality": quality(m)}}
-    print(f"[overhead] ray job: {wall:.1f} s; in-process core API on the same work", flush=True)
-    wall = run([sys.executable, __file__, "--in-process", "--job-args", shlex.join(job_args),
-                "--result", str(out / "in_process.json")], out / "in_process.log")
-    res["in_process"] = {"wall_s": wall, **json.loads((out / "in_process.json").read_text())}
-    (out / "overhead.json").write_text(json.dumps(res, indent=1))
-    md = table(res)
+    rounds = []
+    for r in range(1, args.rounds + 1):
+        tag = "" if args.rounds == 1 else str(r)
+        print(f"[overhead] round {r}/{args.rounds}: ray job: jobs/train.py {' '.join(job_args)}", flush=True)
+        # --no-image-cache: the in-process side draws every image, so the job does too (the cache's gain
+        # is measured by benchmarks/default_job.py, not counted as less framework overhead)
+        # a fresh output folder: a job finds an earlier run's data shards there and skips its data stage
+        shutil.rmtree(out / f"ray{tag}", ignore_errors=True)
+        wall = run([sys.executable, str(ROOT / "jobs" / "train.py"), *job_args, "--output-dir", str(out / f"ray{tag}"),
+                    "--no-resume", "--no-image-cache"], out / f"ray{tag}.log")
+        m = json.loads((out / f"ray{tag}" / "metrics.json").read_text())
+        res = {"ray": {"wall_s": wall, "stages": m["stage_seconds"], "quality": quality(m)}}
+        print(f"[overhead] round {r}/{args.rounds}: ray job {wall:.1f} s; in-process core API on the same work",
+              flush=True)
+        wall = run([sys.executable, __file__, "--in-process", "--job-args", shlex.join(job_args),
+                    "--result", str(out / "in_process.json")], out / f"in_process{tag}.log")
+        res["in_process"] = {"wall_s": wall, **json.loads((out / "in_process.json").read_text())}
+        print(f"[overhead] round {r}/{args.rounds}: in-process {wall:.1f} s: {res['ray']['wall_s'] / wall:.2f}x",
+              flush=True)
+        rounds.append(res)
+    (out / "overhead.json").write_text(json.dumps(rounds[0] if len(rounds) == 1 else {"rounds": rounds}, indent=1))
+    md = table(rounds)
     (out / "overhead.md").write_text(md + "\n")
     print(md)
     return 0
