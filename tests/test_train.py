@@ -243,13 +243,16 @@ def test_the_deepspeed_engines_set_up_without_importing_torchinductor(tiny_sd_pa
     # ZeRO's optimizer check imports DeepSpeed's Muon module, whose @torch.compile decorators imported
     # TorchInductor (1.1 s of a worker's 1.5 s of engine set-up): train.no_compile_on_import. A user's
     # own TORCHDYNAMO_DISABLE is left as it is (with "0" the import happens, as without rayablate).
+    import socket
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
     if user_env is not None:
         env["TORCHDYNAMO_DISABLE"] = user_env
-    port = str(29400 + os.getpid() % 500 + (0 if user_env is None else 1))
+    with socket.socket() as s:  # a free port for the one-rank gloo group
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     out = subprocess.run([sys.executable, "-c", ENGINES_IN_A_FRESH_PROCESS, str(tiny_sd_path), port], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
