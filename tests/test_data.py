@@ -199,6 +199,19 @@ def _local_shards_split_the_canonical_rows(out, out1):
     assert isinstance(training_source(out, limit_mb=0), ray.data.Dataset)  # over the shard cache: Ray Data
 
 
+def test_a_data_stage_that_keeps_no_rows_says_so_and_leaves_nothing(ray_local, tmp_path):
+    import ray
+
+    from rayablate.data import DataError, write_shards
+
+    ds = ray.data.from_items([{"seed": 1, "mask": 1}]).map_batches(lambda b: {k: v[:0] for k, v in b.items()})
+    with pytest.raises(DataError, match="kept no rows"):
+        write_shards(ds, tmp_path / "data")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "data.tmp").exists()
+    write_shards(ray.data.from_items([{"seed": 1, "mask": 1}]), tmp_path / "data")
+    assert pq.read_table(str(tmp_path / "data")).to_pylist() == [{"seed": 1, "mask": 1}]
+
+
 def test_sampler_batches_are_balanced_across_the_actor_pool():
     from rayablate.sampling import balanced_batch_size
 
