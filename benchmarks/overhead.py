@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,12 +98,6 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def table(rounds: list[dict]) -> str:
     """The stage table over `rounds` (each {"ray", "in_process"}): medians, and with several rounds
     the median of the rounds' ratios with their range."""
@@ -112,7 +107,7 @@ def table(rounds: list[dict]) -> str:
 
     def ratio(a, b, bold=False):
         rs = [x / y for x, y in zip(a, b)]
-        text = f"{_median(rs):.2f}x"
+        text = f"{median(rs):.2f}x"
         text = f"**{text}**" if bold else text
         return text + (f" ({min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else "")
 
@@ -126,11 +121,11 @@ def table(rounds: list[dict]) -> str:
     for k in keys:
         a, b = cell("ray", k), cell("in_process", k)
         if a is None or b is None:
-            lines.append(f"| {k} | {a and _median(a)} | {b and _median(b)} | – |")
+            lines.append(f"| {k} | {a and median(a)} | {b and median(b)} | – |")
         else:
-            lines.append(f"| {k} | {_median(a):.1f} | {_median(b):.1f} | {ratio(a, b) if all(b) else '–'} |")
+            lines.append(f"| {k} | {median(a):.1f} | {median(b):.1f} | {ratio(a, b) if all(b) else '–'} |")
     a, b = cell("ray", "wall"), cell("in_process", "wall")
-    lines.append(f"| **end to end** | {_median(a):.1f} | {_median(b):.1f} | {ratio(a, b, bold=True)} |")
+    lines.append(f"| **end to end** | {median(a):.1f} | {median(b):.1f} | {ratio(a, b, bold=True)} |")
     qa, qb = rounds[-1]["ray"]["quality"], rounds[-1]["in_process"]["quality"]
     fmt = lambda q: f"target {q['target']:.2f}, kept >= {q['kept_min']:.2f}"  # noqa: E731
     lines += ["", f"quality: ray job {fmt(qa)}; in-process {fmt(qb)}"]
