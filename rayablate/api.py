@@ -141,7 +141,7 @@ def training_rows(pipe, cfg: AblationConfig, world, clip: str, progress: bool = 
 
     rows = prompt_rows(cfg, world)
     sampler = Sampler.of_pipes({"image": pipe}, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale,
-                               str(pipe.device))
+                               str(pipe.device), cfg.sample_precision)
     bar = _progress(len(rows), "anchor images", progress)
     parts = []
     for i in range(0, len(rows), 16):
@@ -224,7 +224,7 @@ def evaluate(pipe_before, pipe_after, concept: ConceptSpec, *, world=None, clip:
     seed = cfg.eval_seed if seed is None else seed
     steps, guidance = steps or cfg.eval_steps, guidance or cfg.guidance_scale
     groups = world.eval_groups(cfg.concept, num_images or cfg.eval_images, seed)
-    shots = {w: sample_groups(p, groups, seed, steps, guidance, str(p.device))
+    shots = {w: sample_groups(p, groups, seed, steps, guidance, str(p.device), cfg.sample_precision)
              for w, p in (("before", pipe_before), ("after", pipe_after))}
     images = {g.name: {w: shots[w][g.name] for w in shots} for g in groups}
     scorer = ClipScorer.load(_clip(clip, cfg, world))

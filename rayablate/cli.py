@@ -49,6 +49,8 @@ OVERRIDES = {
     "num_workers": ("num_workers", int, "Ray Train workers"),
     "zero_stage": ("zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
     "precision": ("precision", str, "fp32 | bf16 | fp16 (alias --mixed_precision; fp16 needs a GPU)"),
+    "sample_precision": ("sample_precision", str, "auto | fp32 | bf16: what anchor and evaluation images are drawn "
+                                                  "in (auto: bf16 on a CPU with native bf16, else fp32)"),
     "clip_threshold": ("clip_threshold", float, "CLIP mask threshold on cosine similarity"),
     "margin": ("margin", float, "contrastive margin"),
     "w_reg": ("w_reg", float, "anchor regularizer weight"),

@@ -20,6 +20,7 @@ import yaml
 KINDS = ("style", "instance", "prompt", "unsafe", "memorized")
 PARAM_GROUPS = ("xattn-kv", "xattn", "embedding", "full", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")  # what images are drawn in: rayablate/sampling.py
 MATCH_MODES = ("model", "noise")
 ROBUST_INITS = ("anchor", "target", "random")
 METHODS = ("train", "closed-form")
@@ -166,6 +167,9 @@ class AblationConfig:
     report_every: int = 20
     checkpoint_every: int = 100
     storage_path: str = ""  # Ray Train storage (local folder or s3://, gs://); empty = <output_dir>/ray
+    # What anchor, before- and after-images are drawn in: auto | fp32 | bf16 (auto: bf16 on a CPU with
+    # native bf16, else fp32; rayablate/sampling.py). Training's own precision is `precision`.
+    sample_precision: str = "auto"
     # evaluation
     eval_images: int = 32
     eval_steps: int = 20
@@ -459,6 +463,9 @@ def validate(cfg: AblationConfig, *, cuda_available: bool | None = None) -> Abla
             cuda_available = torch.cuda.is_available()
         if not cuda_available:
             raise ConfigError("precision", "fp16 needs a GPU and none is visible; use fp32 or bf16")
+    if cfg.sample_precision not in SAMPLE_PRECISIONS:
+        raise ConfigError("sample_precision", f"unknown sample precision {cfg.sample_precision!r}; allowed: "
+                                              f"{', '.join(SAMPLE_PRECISIONS)}")
     for name in ("steps", "batch_size", "num_workers", "num_anchor_images", "anchor_steps", "eval_images",
                  "eval_steps", "report_every", "checkpoint_every", "lora_rank"):
         if getattr(cfg, name) < 1:

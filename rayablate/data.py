@@ -275,7 +275,7 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     if not rows:
         raise ConfigError("concept.prompts", "the prompt list is empty")
     # the frozen model's images drawn before are not drawn again; all of them: no sampler (rayablate/image_cache.py)
-    cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+    cache = BaseImageCache.for_model(model_path, cfg.use_gpu, cfg.sample_precision)
     masker = masker_kwargs(cfg, world, clip_name, image_weight)
     kept = None if user_data else data_cache_dir(cache, rows, cfg, masker)
     cached = cache.pngs(rows, "anchor_caption", cfg.anchor_steps, cfg.guidance_scale) if cache else [None] * len(rows)
@@ -304,7 +304,8 @@ def build_training_data(cfg: AblationConfig, model_path: str, clip_name: str, ou
     else:
         ds = sample_dataset(items, model_path, {"image": None}, steps=cfg.anchor_steps, guidance=cfg.guidance_scale,
                             use_gpu=cfg.use_gpu, num_actors=num_actors, prompt_column="anchor_caption",
-                            batch_size=16, threads=sampler_threads(num_actors, cfg.use_gpu))
+                            batch_size=16, threads=sampler_threads(num_actors, cfg.use_gpu),
+                            precision=cfg.sample_precision)
     if user_data:
         ds = ds.union(read_user_pairs(user_data, cfg.concept, world, resolution))
     ds = ds.map_batches(ClipMasker, fn_constructor_kwargs=masker, batch_size=128,

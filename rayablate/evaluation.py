@@ -32,11 +32,14 @@ def eval_rows(groups: list[EvalGroup], seed: int) -> list[dict]:
             for g in groups for i, p in enumerate(g.prompts)]
 
 
-def _rows_key(rows: list[dict], steps: int, guidance: float) -> str:
+def _rows_key(rows: list[dict], cfg: AblationConfig) -> str:
+    """What names the evaluation's images: its rows' prompts and seeds and its sampler settings."""
     import hashlib
     import json
 
-    text = json.dumps([[r["prompt"], int(r["seed"])] for r in rows] + [int(steps), float(guidance)])
+    text = json.dumps([[r["prompt"], int(r["seed"])] for r in rows]
+                      + [int(cfg.eval_steps), float(cfg.guidance_scale),
+                         S.resolve_sample_precision(cfg.sample_precision, cfg.use_gpu)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -49,11 +52,11 @@ def after_image_plan(cfg: AblationConfig, world, num_actors: int, model_path: st
     rows = eval_rows(world.eval_groups(cfg.concept, cfg.eval_images, cfg.eval_seed), cfg.eval_seed)
     plan = {"prompts": [r["prompt"] for r in rows], "seeds": [r["seed"] for r in rows], "steps": cfg.eval_steps,
             "guidance": cfg.guidance_scale, "batch_size": S.balanced_batch_size(len(rows), num_actors, EVAL_BATCH),
-            "key": _rows_key(rows, cfg.eval_steps, cfg.guidance_scale)}
+            "precision": S.resolve_sample_precision(cfg.sample_precision, cfg.use_gpu), "key": _rows_key(rows, cfg)}
     if model_path is not None:
         from .image_cache import BaseImageCache
 
-        cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+        cache = BaseImageCache.for_model(model_path, cfg.use_gpu, cfg.sample_precision)
         held = cache.pngs(rows, "prompt", cfg.eval_steps, cfg.guidance_scale) if cache else [None] * len(rows)
         plan["before"] = [i for i, png in enumerate(held) if png is None]
     return plan
@@ -68,7 +71,7 @@ def _workers_before_images(rows: list[dict], after_images: dict, model_path: str
     before = {int(i): png for i, png in (after_images.get("before") or {}).items()}
     if not before:
         return {}
-    cache = BaseImageCache.for_model(model_path, cfg.use_gpu)
+    cache = BaseImageCache.for_model(model_path, cfg.use_gpu, cfg.sample_precision)
     if cache is not None:
         idx = sorted(before)
         cache.store([rows[i] for i in idx], [before[i] for i in idx], "prompt", cfg.eval_steps, cfg.guidance_scale)
@@ -88,24 +91,25 @@ def generate_before_after(groups: list[EvalGroup], model_path: str, delta_path: 
     rows = eval_rows(groups, seed)
     deltas = {"before": None, **({"after": delta_path} if delta_path else {})}
     given, by_workers = None, 0
-    if after_images and delta_path and after_images.get("key") == _rows_key(rows, cfg.eval_steps, cfg.guidance_scale):
+    if after_images and delta_path and after_images.get("key") == _rows_key(rows, cfg):
         given = {"after": after_images["pngs"], **_workers_before_images(rows, after_images, model_path, cfg)}
         by_workers = len(after_images.get("before") or {})
         say(f"[evaluate] the training workers drew the {len(rows)} after-images"
             + (f" and {by_workers} before-images" if by_workers else ""))
     images, hits = S.draw_images(rows, model_path, deltas, lambda r: r["group"], steps=cfg.eval_steps,
                                  guidance=cfg.guidance_scale, use_gpu=cfg.use_gpu, num_actors=num_actors,
-                                 batch_size=EVAL_BATCH, given=given)
+                                 batch_size=EVAL_BATCH, given=given, precision=cfg.sample_precision)
     if hits.get("before", 0) > by_workers:
         say(f"[evaluate] {hits['before'] - by_workers} of the {len(rows)} before-images came from the base-image cache")
     return {g.name: images.get(g.name, {}) for g in groups}
 
 
 def sample_groups(pipe, groups: list[EvalGroup], seed: int, steps: int, guidance: float,
-                  device: str = "cpu") -> dict[str, np.ndarray]:
-    """{group name: uint8 NxHxWx3} of `pipe` in this process, with the evaluation's seeds."""
+                  device: str = "cpu", precision: str = "fp32") -> dict[str, np.ndarray]:
+    """{group name: uint8 NxHxWx3} of `pipe` in this process, with the evaluation's seeds, drawn in
+    `precision` (sampling.SAMPLE_PRECISIONS)."""
     return {g.name: S.sample_images(pipe, g.prompts, [S.prompt_seed(seed, i) for i in range(len(g.prompts))],
-                                    steps, guidance, device) for g in groups}
+                                    steps, guidance, device, precision) for g in groups}
 
 
 def quick_evaluate(cfg: AblationConfig, model_path: str, delta_path: str, clip_name: str, world,
@@ -118,7 +122,7 @@ def quick_evaluate(cfg: AblationConfig, model_path: str, delta_path: str, clip_n
     device = "cuda" if cfg.use_gpu else "cpu"
     pipe = load_pipeline(model_path, device=device)
     apply_delta(pipe, delta_path)
-    after = sample_groups(pipe, groups, seed, cfg.eval_steps, cfg.guidance_scale, device)
+    after = sample_groups(pipe, groups, seed, cfg.eval_steps, cfg.guidance_scale, device, cfg.sample_precision)
     images = {g.name: {"before": before[g.name], "after": after[g.name]} for g in groups}
     return M.measure_groups(groups, images, cfg.concept, ClipScorer.load(clip_name), world.judge(), world)
 

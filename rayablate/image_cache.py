@@ -7,7 +7,7 @@ them again. This cache keeps each one as a PNG named by what determines it:
 
     the model folder's content (every file: its bytes, or for files over 256 MiB their size,
     mtime and first and last MiB), the prompt, the seed, sampler steps, guidance, the device kind,
-    torch's and diffusers' versions and CACHE_FORMAT.
+    the precision the images are drawn in, torch's and diffusers' versions and CACHE_FORMAT.
 
 A key that differs in any of them is another file, so an edited model or another sampler setting
 never reads a stale image. The images of an ablated model (a delta applied) are never cached.
@@ -76,8 +76,10 @@ class BaseImageCache:
         self.folder, self.salt = folder, salt
 
     @classmethod
-    def for_model(cls, model_path: str | Path, use_gpu: bool = False) -> "BaseImageCache | None":
-        """The cache of this model's images, or None (turned off, or not a local model folder)."""
+    def for_model(cls, model_path: str | Path, use_gpu: bool = False,
+                  precision: str = "fp32") -> "BaseImageCache | None":
+        """The cache of this model's images drawn in `precision` (sampling.SAMPLE_PRECISIONS), or None
+        (turned off, or not a local model folder)."""
         root = cache_root()
         if root is None:
             return None
@@ -86,7 +88,10 @@ class BaseImageCache:
             return None
         from importlib.metadata import version  # not `import diffusers`: 2 s the driver need not spend
 
-        salt = json.dumps([CACHE_FORMAT, version("torch"), version("diffusers"), "cuda" if use_gpu else "cpu"])
+        from .sampling import resolve_sample_precision
+
+        salt = json.dumps([CACHE_FORMAT, version("torch"), version("diffusers"), "cuda" if use_gpu else "cpu",
+                           resolve_sample_precision(precision, use_gpu)])
         return cls(root / fp[:32], salt)
 
     def _file(self, prompt: str, seed: int, steps: int, guidance: float) -> Path:

@@ -390,7 +390,10 @@ def _concept_data(cfg, out: Path, models: Models, user_data, data_dir, clip_thre
 
     if data_dir is not None:
         return Path(data_dir), data_summary(data_dir, clip_threshold)
-    log(f"1/3 data: {cfg.num_anchor_images} anchor images + preservation rows, CLIP masks")
+    from .sampling import resolve_sample_precision
+
+    drawn_in = resolve_sample_precision(cfg.sample_precision, cfg.use_gpu)
+    log(f"1/3 data: {cfg.num_anchor_images} anchor images ({drawn_in}) + preservation rows, CLIP masks")
     t = time.time()
     data_dir = build_training_data(cfg, models.model_path, models.clip, out / "data", models.world, user_data,
                                    num_actors=num_actors, resolution=_model_resolution(models.model_path))

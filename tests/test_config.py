@@ -69,6 +69,12 @@ def test_fp16_on_cpu_is_refused():
     assert "CPU" in msg
 
 
+def test_an_unknown_sample_precision_names_the_field_and_its_choices():
+    msg = bad({"sample_precision": "fp16"}, "sample_precision")
+    assert "auto, fp32, bf16" in msg
+    assert AblationConfig().sample_precision == "auto"
+
+
 def test_fp16_with_use_gpu_but_no_cuda_is_refused():
     cfg = AblationConfig(precision="fp16", use_gpu=True)
     with pytest.raises(ConfigError) as e:

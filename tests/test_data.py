@@ -307,7 +307,7 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
     drawn = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 10 + sum(len(g.prompts) for g in groups)
     # rows are served one by one: with two before-images gone, those two are drawn again, the same pixels
-    cache = BaseImageCache.for_model(str(tiny_sd_path))
+    cache = BaseImageCache.for_model(str(tiny_sd_path), precision=cfg.sample_precision)
     for i in (0, 2):
         cache._file(groups[0].prompts[i], S.prompt_seed(cfg.eval_seed, i), cfg.eval_steps, cfg.guidance_scale).unlink()
     partly = generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
@@ -330,6 +330,11 @@ def test_the_base_image_cache_serves_a_second_job_without_a_sampler(ray_local, t
     # another sampler setting is another image: drawn, not served
     with pytest.raises(AssertionError, match="a sampler was started"):
         generate_before_after(groups, str(tiny_sd_path), None, dataclasses.replace(cfg, eval_steps=3), cfg.eval_seed)
+    # and so is another precision (sample_precision; "auto" is one of the two on any machine)
+    other = "fp32" if S.resolve_sample_precision(cfg.sample_precision) == "bf16" else "bf16"
+    with pytest.raises(AssertionError, match="a sampler was started"):
+        generate_before_after(groups, str(tiny_sd_path), None, dataclasses.replace(cfg, sample_precision=other),
+                              cfg.eval_seed)
     monkeypatch.setenv(ENV, "off")
     with pytest.raises(AssertionError, match="a sampler was started"):
         generate_before_after(groups, str(tiny_sd_path), None, cfg, cfg.eval_seed)
@@ -362,7 +367,7 @@ def test_an_exact_rerun_copies_the_data_stages_shards_from_the_data_cache(ray_lo
     assert rows(again) == rows(first) and len(rows(first)) == 10
     assert (again / "_SUCCESS").exists() and not (tmp_path / "b.tmp").exists()
     # the key: anything that changes the shards is another folder
-    cache = BaseImageCache.for_model(str(tiny_sd_path))
+    cache = BaseImageCache.for_model(str(tiny_sd_path), precision=cfg.sample_precision)
 
     def key(c, clip=str(tiny_clip_path), cache=cache):
         return data_cache_dir(cache, prompt_rows(c, world), c, masker_kwargs(c, world, clip))
@@ -418,6 +423,27 @@ def test_the_sampler_draws_only_the_rows_without_an_image(tiny_pipe):
     assert np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[0], decode_png(sentinel))
     fresh = sampler({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
     assert np.array_equal(decode_png(fresh[0]), drawn[0])
+
+
+def test_images_are_drawn_in_the_sample_precision_and_auto_is_bf16_only_on_a_native_bf16_cpu(tiny_pipe):
+    """bf16 draws the same seeds under bf16 autocast: close to fp32's pixels, not the same ones;
+    "auto" draws bf16 exactly where the CPU computes bf16 natively, and fp32 on a GPU."""
+    from rayablate.images import decode_png
+    from rayablate.sampling import Sampler, native_bf16_cpu, resolve_sample_precision, sample_images
+
+    prompts, seeds = ["a red circle", "a blue striped square"], [1, 2]
+    fp32 = sample_images(tiny_pipe, prompts, seeds, 2, 4.0, precision="fp32")
+    bf16 = sample_images(tiny_pipe, prompts, seeds, 2, 4.0, precision="bf16")
+    assert not np.array_equal(fp32, bf16) and np.abs(fp32.astype(int) - bf16).mean() < 3
+    assert str(next(tiny_pipe.unet.parameters()).dtype) == "torch.float32"  # the weights stay fp32
+    auto = sample_images(tiny_pipe, prompts, seeds, 2, 4.0, precision="auto")
+    assert np.array_equal(auto, bf16 if native_bf16_cpu() else fp32)
+    assert resolve_sample_precision("auto", use_gpu=True) == "fp32"
+    sampler = Sampler.of_pipes({"image": tiny_pipe}, steps=2, guidance=4.0, precision="bf16")  # the actors' path
+    out = sampler({"prompt": np.array(prompts, dtype=object), "seed": np.array(seeds)})["image"]
+    assert np.array_equal(np.stack([decode_png(p) for p in out]), bf16)
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        resolve_sample_precision("fp16")
 
 
 def test_the_data_stages_one_sampler_draws_on_every_core_of_the_node(ray_local):

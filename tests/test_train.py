@@ -328,7 +328,7 @@ def test_the_workers_before_images_go_to_the_image_cache_and_the_next_plan_skips
     missing = str(Path(reference_run["delta_path"]).with_name("no_such_delta.safetensors"))
     used = generate_before_after(groups, str(tiny_sd_path), missing, cfg, cfg.eval_seed,
                                  after_images=reference_run["after_images"])
-    cache = BaseImageCache.for_model(str(tiny_sd_path))
+    cache = BaseImageCache.for_model(str(tiny_sd_path), precision=cfg.sample_precision)
     held = cache.pngs(rows, "prompt", cfg.eval_steps, cfg.guidance_scale)
     assert held == [reference_run["after_images"]["before"][i] for i in range(len(rows))]
     assert all(used[g.name]["before"].shape[0] == len(g.prompts) for g in groups)

@@ -441,12 +441,12 @@ def _eval_rows(concepts: list[BatchConcept], groups: dict[str, list]) -> list[di
 
 
 def generate_images(rows: list[dict], model_path: str, delta_path: str | None, num_actors: int = 1,
-                    use_gpu: bool = False) -> dict[tuple[str, str], np.ndarray]:
-    """{(concept, group): uint8 NxHxWx3} through the Ray Data Sampler."""
+                    use_gpu: bool = False, precision: str = "fp32") -> dict[tuple[str, str], np.ndarray]:
+    """{(concept, group): uint8 NxHxWx3} through the Ray Data Sampler, drawn in `precision`."""
     from ..sampling import draw_images
 
     images, _ = draw_images(rows, model_path, {"image": delta_path}, lambda r: (r["concept"], r["group"]),
-                            use_gpu=use_gpu, num_actors=num_actors, batch_size=32)
+                            use_gpu=use_gpu, num_actors=num_actors, batch_size=32, precision=precision)
     return {k: d["image"] for k, d in images.items()}
 
 
@@ -475,13 +475,14 @@ def _already_evaluated(concepts: list[BatchConcept], delta_path: str, out: Path,
 
 
 def _before_images(concepts: list[BatchConcept], rows: list[dict], models, cache: Path, num_actors: int,
-                   use_gpu: bool, progress, label: str) -> dict[tuple[str, str], np.ndarray]:
-    """The base model's images, generated once per batch into `cache` and shared by every variant."""
+                   use_gpu: bool, progress, label: str, precision: str = "fp32") -> dict[tuple[str, str], np.ndarray]:
+    """The base model's images drawn in `precision`, generated once per batch into `cache` and shared
+    by every variant."""
     cache.mkdir(parents=True, exist_ok=True)
     before: dict = {}
     missing = []
     for c in concepts:
-        f = cache / f"{c.name}.npz"
+        f = cache / f"{c.name}.{precision}.npz"
         if f.exists():
             before.update(_load_npz(f))
         else:
@@ -489,10 +490,10 @@ def _before_images(concepts: list[BatchConcept], rows: list[dict], models, cache
     if missing:
         mrows = [r for r in rows if r["concept"] in {c.name for c in missing}]
         progress(f"[batch] {label} evaluation: {len(mrows)} before-images (base model, cached for every variant)")
-        imgs = generate_images(mrows, models.model_path, None, num_actors, use_gpu)
+        imgs = generate_images(mrows, models.model_path, None, num_actors, use_gpu, precision)
         for c in missing:
             part = {k: v for k, v in imgs.items() if k[0] == c.name}
-            _save_npz(cache / f"{c.name}.npz", part)
+            _save_npz(cache / f"{c.name}.{precision}.npz", part)
             before.update(part)
     return before
 
@@ -524,6 +525,7 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
     re-merge with other settings writes a new file at the same path).
     """
     from ..clip import ClipScorer
+    from ..sampling import resolve_sample_precision
 
     world = models.world
     digest = hashlib.sha256(Path(delta_path).read_bytes()).hexdigest()
@@ -539,9 +541,11 @@ def evaluate_variant(concepts: list[BatchConcept], models, delta_path: str, out:
     groups = {c.name: world.eval_groups(c.cfg.concept, c.cfg.eval_images, c.cfg.eval_seed) for c in todo}
     rows = _eval_rows(todo, groups)
     use_gpu = any(c.cfg.use_gpu for c in todo)
-    before = _before_images(todo, rows, models, cache, num_actors, use_gpu, progress, label)
+    # before and after in one precision: the batch's first concept's (a batch shares its settings)
+    precision = resolve_sample_precision(todo[0].cfg.sample_precision, use_gpu)
+    before = _before_images(todo, rows, models, cache, num_actors, use_gpu, progress, label, precision)
     progress(f"[batch] {label} evaluation: {len(rows)} after-images with {Path(delta_path).name}")
-    after = generate_images(rows, models.model_path, str(delta_path), num_actors, use_gpu)
+    after = generate_images(rows, models.model_path, str(delta_path), num_actors, use_gpu, precision)
     scorer, judge = ClipScorer.load(models.clip), world.judge()
     for c in todo:
         images = {g.name: {"before": before[(c.name, g.name)], "after": after[(c.name, g.name)]}
