@@ -266,13 +266,19 @@ def _evaluate(argv) -> int:
         check_export_flags(args.export, read_delta(args.delta)[1].get("group", ""))
         out = Path(args.output_dir or "outputs/evaluate")
         check_output_dir(out)
+        from .console import is_verbose, log_to, say
+        from .report import console_summary
+
+        log_to(out)
         init_ray()
         metrics = evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world,
                            num_actors=args.num_actors, seed=args.eval_seed)
         add_exports(metrics, out, args.export, args.delta, models.model_path, args.export_rank)
-        print(f"results in {out}")
+        say(console_summary(metrics))
+        say(f"results in {out}: metrics.json, report.md, grid.png" + (", exports/" if args.export else "")
+            + ("" if is_verbose() else ", logs/ (everything the console did not show)"))
 
-    return guarded(run)
+    return guarded(run, args.verbose)
 
 
 def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None = None) -> dict:

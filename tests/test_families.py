@@ -307,6 +307,8 @@ def test_sd1_full_tokenizer_lora_train_exports_resume_and_evaluate(ray_session, 
     assert code == 0, capfd.readouterr().err[-3000:]
     metrics = json.loads((ev / "metrics.json").read_text())
     assert isinstance(metrics["target"]["clip_score_after"], float) and (ev / "grid.png").exists()
+    printed = capfd.readouterr().out  # the evaluate job's console: the table, the outputs, logs/ for the rest
+    assert "clip acc" in printed and f"results in {ev}" in printed and (ev / "logs" / "job.log").exists()
 
 
 @pytest.mark.slow
