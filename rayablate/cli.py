@@ -270,7 +270,7 @@ def _evaluate(argv) -> int:
         from .report import console_summary
 
         log_to(out)
-        init_ray()
+        init_ray(dashboard=False)  # no fit: nothing asks the state API (job.DASHBOARD_ENV)
         metrics = evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world,
                            num_actors=args.num_actors, seed=args.eval_seed)
         add_exports(metrics, out, args.export, args.delta, models.model_path, args.export_rank)

@@ -49,6 +49,22 @@ def test_a_jobs_local_ray_workers_tune_their_collector_and_the_library_alone_doe
     assert lines[-1] == "(10000, 10, 10)", r.stdout
 
 
+def test_a_jobs_local_ray_starts_the_dashboards_minimal_head_unless_asked_for_the_full_one():
+    """jobs/train.py and jobs/evaluate.py start their local Ray with `init_ray(dashboard=False)`: the
+    dashboard's minimal head, no web UI (its fits need no state API); RAYABLATE_DASHBOARD=1, or
+    `dashboard=True` (Tune, batch), starts the full one."""
+    code = ("import os, sys; sys.path.insert(0, '.'); import ray; from rayablate.job import init_ray\n"
+            "def url(**kw):\n    init_ray(num_cpus=1, **kw)\n"
+            "    u = ray._private.worker.global_worker.node.address_info.get('webui_url'); ray.shutdown(); return u\n"
+            "print(repr(url(dashboard=False))); os.environ['RAYABLATE_DASHBOARD'] = '1'\n"
+            "print(repr(url(dashboard=False)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYABLATE_DASHBOARD")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    minimal, full = r.stdout.strip().splitlines()[-2:]
+    assert minimal in ("''", "None") and full.startswith("'127.0.0.1:"), r.stdout
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--model", "/definitely/not/here"], "model path does not exist"),
     (["--lr-matcher", "0"], "lr_matcher"),
