@@ -33,6 +33,15 @@ def test_exit_process_keeps_the_exit_code_and_runs_atexit_handlers(tmp_path):
     assert mark.read_text() == "yes"
 
 
+def _fresh_python(code: str, *unset: str) -> list[str]:
+    """stdout lines of `code` in a fresh interpreter at the repository root, without RAY_ADDRESS and
+    the variables `unset` (so it starts a Ray of its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *unset)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()
+
+
 def test_a_jobs_local_ray_workers_tune_their_collector_and_the_library_alone_does_not(tmp_path):
     """`init_ray` starts a local Ray whose workers set resources.GC_THRESHOLDS as they import rayablate
     (1.8-2.1 s of collection per training worker's start-up otherwise); importing rayablate without
@@ -41,12 +50,8 @@ def test_a_jobs_local_ray_workers_tune_their_collector_and_the_library_alone_doe
             "from rayablate.job import init_ray; ray = init_ray(num_cpus=1)\n"
             "@ray.remote(num_cpus=0.5)\ndef thresholds():\n    import gc, rayablate\n    return gc.get_threshold()\n"
             "print(ray.get(thresholds.remote())); ray.shutdown()")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYABLATE_TUNE_GC")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.strip().splitlines()
-    assert lines[0] == "(700, 10, 10)", r.stdout
-    assert lines[-1] == "(10000, 10, 10)", r.stdout
+    lines = _fresh_python(code, "RAYABLATE_TUNE_GC")
+    assert lines[0] == "(700, 10, 10)" and lines[-1] == "(10000, 10, 10)", lines
 
 
 def test_a_jobs_local_ray_starts_the_dashboards_minimal_head_unless_asked_for_the_full_one():
@@ -58,11 +63,8 @@ def test_a_jobs_local_ray_starts_the_dashboards_minimal_head_unless_asked_for_th
             "    u = ray._private.worker.global_worker.node.address_info.get('webui_url'); ray.shutdown(); return u\n"
             "print(repr(url(dashboard=False))); os.environ['RAYABLATE_DASHBOARD'] = '1'\n"
             "print(repr(url(dashboard=False)))")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYABLATE_DASHBOARD")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    minimal, full = r.stdout.strip().splitlines()[-2:]
-    assert minimal in ("''", "None") and full.startswith("'127.0.0.1:"), r.stdout
+    minimal, full = _fresh_python(code, "RAYABLATE_DASHBOARD")[-2:]
+    assert minimal in ("''", "None") and full.startswith("'127.0.0.1:"), (minimal, full)
 
 
 @pytest.mark.parametrize("extra,msg", [
