@@ -204,6 +204,8 @@ CATALOGUE = [
     ("lr-inf", "train", flags("--lr-disc", "inf"), r"lr_disc: must be a finite number > 0, got inf"),
     ("zero-stage-4", "train", flags("--zero-stage", "4"), r"zero_stage: DeepSpeed ZeRO stage must be 0, 1, 2 or 3"),
     ("fp16-on-cpu", "train", flags("--precision", "fp16"), r"precision: fp16 is not supported on CPU"),
+    ("sample-precision-fp16", "train", flags("--sample-precision", "fp16"),
+     r"sample_precision: unknown sample precision 'fp16'; allowed: auto, fp32, bf16"),
     ("clip-threshold-2", "train", flags("--clip-threshold", "2"), r"clip_threshold: must lie in \[-1, 1\]"),
     # model
     ("model-not-a-pipeline", "train", lambda tmp: (tmp / "m").mkdir() or ["--model", str(tmp / "m")],
