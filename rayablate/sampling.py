@@ -54,7 +54,7 @@ def sample_images(pipe, prompts: list[str], seeds, steps: int, guidance: float, 
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                    output_type="np")
-    return np.round(out.images.astype(np.float32) * 255).astype(np.uint8)
+    return np.round(out.images * 255).astype(np.uint8)
 
 
 class Sampler:

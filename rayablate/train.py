@@ -423,7 +423,7 @@ class _Worker:
             """{row index: PNG} of this rank's share of `rows`' batches, drawn with `deltas`' one column."""
             (column,), sampler, got = deltas, Sampler(self.config["model_path"], deltas, steps=int(plan["steps"]),
                                                       guidance=float(plan["guidance"]), use_gpu=self.cfg.use_gpu,
-                                                      precision=plan.get("precision", "fp32")), {}
+                                                      precision=plan["precision"]), {}
             for idx in [rows[i:i + batch] for i in range(0, len(rows), batch)][self.rank::self.world]:
                 out = sampler({"prompt": np.array([plan["prompts"][i] for i in idx], dtype=object),
                                "seed": np.array([int(plan["seeds"][i]) for i in idx])})

@@ -343,7 +343,7 @@ def test_after_images_that_cannot_be_drawn_leave_the_run_finished(ray_session, t
     from rayablate.train import run_training
 
     plan = {"prompts": ["a red plain circle"] * 4, "seeds": [0, 1, 2, 3], "steps": 2, "guidance": "not a number",
-            "batch_size": 2, "key": "k"}
+            "batch_size": 2, "precision": "fp32", "key": "k"}
     res = run_training(_two_worker_cfg(steps=2, checkpoint_every=2, report_every=2), train_ds, str(tiny_sd_path),
                        str(tmp_path), run_name="undrawable", after_images=plan)
     assert res["final_step"] == 2 and Path(res["delta_path"]).exists()
