@@ -254,7 +254,7 @@ def _evaluate(argv) -> int:
     args = ap.parse_args(argv)
 
     def run():
-        from .job import add_exports, check_model, check_output_dir, init_ray, resolve_models
+        from .job import add_exports, check_model, check_output_dir, DRIVER_WARM_MODULES, init_ray, resolve_models
         from .evaluation import evaluate
         from .pipeline import check_delta_fits, read_delta
 
@@ -270,7 +270,8 @@ def _evaluate(argv) -> int:
         from .report import console_summary
 
         log_to(out)
-        init_ray(dashboard=False)  # no fit: nothing asks the state API (job.DASHBOARD_ENV)
+        # no fit: nothing asks the state API (job.DASHBOARD_ENV)
+        init_ray(dashboard=False, warm=DRIVER_WARM_MODULES)
         metrics = evaluate(cfg, models.model_path, args.delta, models.clip, out, models.world,
                            num_actors=args.num_actors, seed=args.eval_seed)
         add_exports(metrics, out, args.export, args.delta, models.model_path, args.export_rank)
@@ -459,9 +460,10 @@ def _stop_after_interrupt() -> None:
     remove what interrupted writes left in the output folders."""
     local = not os.environ.get("RAY_ADDRESS")
     ray = sys.modules.get("ray")
+    from .job import TOUCHED, remove_partial_outputs, shutdown_ray
+
     if ray is not None and ray.is_initialized():
-        ray.shutdown()
-    from .job import TOUCHED, remove_partial_outputs
+        shutdown_ray()
 
     for out, run_dir in TOUCHED:
         # Workers of a cluster may still be uploading: their checkpoint folders stay (Ray skips them).

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from local_ray import start_local_ray
+from rayablate.job import shutdown_ray
 
 from rayablate.config import ConfigError
 
@@ -305,7 +306,7 @@ def test_bad_batch_file_exits_2_and_writes_nothing(tmp_path):
 def ray_session():
     ray = start_local_ray(300)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from local_ray import start_local_ray
+from rayablate.job import shutdown_ray
 from test_jobs import OUTPUT_FILES, TINY, check_metrics, stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,7 +351,7 @@ def test_training_checkpoints_to_s3_and_resumes_from_there_after_a_restart(s3, t
     try:
         first = run_training(cfg, ray.data.from_items(_rows()), str(tiny_sd_path), str(out), run_name="resume")
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert first["start_step"] == 0 and first["final_step"] == 2
     stored = keys(s3["client"], "resume/ray/resume/")
     assert any("checkpoint_step0000002/" in k and k.endswith("train_state.json") for k in stored), stored
@@ -362,7 +363,7 @@ def test_training_checkpoints_to_s3_and_resumes_from_there_after_a_restart(s3, t
         cfg4 = AblationConfig(**{**cfg.__dict__, "steps": 4, "checkpoint_every": 2})
         second = run_training(cfg4, ray.data.from_items(_rows()), str(tiny_sd_path), str(out), run_name="resume")
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert second["start_step"] == 2 and second["final_step"] == 4
     assert [m["step"] for m in second["metrics"]] == [2, 4]  # step 2's history came back from S3
     stored = keys(s3["client"], "resume/ray/resume/")

@@ -10,6 +10,7 @@ from rayablate.worlds import PromptWorld
 from rayablate.config import ConceptSpec, ConfigError, config_from_dict
 from rayablate.data import DataError, load_user_rows
 from rayablate.images import encode_png
+from rayablate.job import shutdown_ray
 
 STYLE = ConceptSpec(target="striped", anchor="plain", neighbours=["dotted", "checkered"])
 INSTANCE = ConceptSpec(target="zorb", anchor="circle", kind="instance", neighbours=["kubo", "square"])
@@ -119,7 +120,7 @@ def ray_local():
 
     ray.init(num_cpus=2, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 def test_ray_data_pipeline_writes_masked_shards(ray_local, tiny_sd_path, tiny_clip_path, tmp_path):

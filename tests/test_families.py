@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from local_ray import start_local_ray
+from rayablate.job import shutdown_ray
 import torch
 
 PROMPT = "a painting of a house in the style of Van Gogh"
@@ -237,7 +238,7 @@ def test_prompt_of_78_tokens_is_refused_naming_the_field_77_pass(sd1_path, tmp_p
 def ray_session():
     ray = start_local_ray(200)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 def train(model: Path, clip: Path, cfg: Path, out: Path, *extra: str) -> int:

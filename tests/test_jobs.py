@@ -67,6 +67,26 @@ def test_a_jobs_local_ray_starts_the_dashboards_minimal_head_unless_asked_for_th
     assert minimal in ("''", "None") and full.startswith("'127.0.0.1:"), (minimal, full)
 
 
+def test_a_local_rays_start_imports_the_drivers_warm_modules_and_its_stop_kills_the_monitor_first():
+    """`init_ray(warm=...)` imports the given modules on a thread while the local Ray starts (a job's
+    driver: job.DRIVER_WARM_MODULES, its evaluation's open_clip and KID), and has finished when it
+    returns; a module that cannot be imported is left to whoever needs it. Without `warm`, nothing.
+    `stop_autoscaler_monitor` kills that Ray's autoscaler monitor (its pid; then None), after which
+    `ray.shutdown()` still stops the rest."""
+    code = ("import os, sys, threading; sys.path.insert(0, '.')\n"
+            "from rayablate.job import init_ray, DRIVER_WARM_MODULES, shutdown_ray, stop_autoscaler_monitor\n"
+            "import ray\n"
+            "init_ray(num_cpus=1); print('open_clip' in sys.modules); shutdown_ray()\n"
+            "print(ray.is_initialized(), stop_autoscaler_monitor())\n"
+            "init_ray(num_cpus=1, warm=DRIVER_WARM_MODULES + ('no_such_module_here',))\n"
+            "print('open_clip' in sys.modules, 'torchmetrics.image.kid' in sys.modules, "
+            "any(t.name == 'rayablate-warm' for t in threading.enumerate()))\n"
+            "pid = stop_autoscaler_monitor(); print(type(pid).__name__, stop_autoscaler_monitor())\n"
+            "try:\n    os.kill(pid, 0); print('alive')\nexcept ProcessLookupError:\n    print('gone')\n"
+            "print(ray.get(ray.put(7))); ray.shutdown(); print(ray.is_initialized())")
+    assert _fresh_python(code)[-7:] == ["False", "False None", "True True False", "int None", "gone", "7", "False"]
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--model", "/definitely/not/here"], "model path does not exist"),
     (["--lr-matcher", "0"], "lr_matcher"),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from local_ray import start_local_ray
+from rayablate.job import shutdown_ray
 import torch
 
 from rayablate.config import AblationConfig, to_dict
@@ -64,7 +65,7 @@ def ray_session(tmp_path_factory):
         mp.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
         ray = start_local_ray(200)
         yield ray
-        ray.shutdown()
+        shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rayablate.config import AblationConfig, ConfigError, load_config
+from rayablate.job import shutdown_ray
 from rayablate.tune import (SEARCHABLE, TuneSettings, apply_params, default_space, load_space, objective_parts,
                             parse_flag, parse_param)
 
@@ -105,7 +106,6 @@ def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
     import io
     import json
 
-    import ray
     import yaml
 
     from rayablate.cli import main
@@ -128,7 +128,7 @@ def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
         assert rc == 0, console.getvalue()[-3000:]
         yield out, json.loads((out / "tune_summary.json").read_text()), console.getvalue()
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 @pytest.mark.slow
