@@ -483,9 +483,11 @@ def script(*command: str, entry=None) -> None:
     """A job script's whole process (`jobs/*.py`, the `rayablate` command): `resources.tune_gc`, then
     `entry()` (a script with its own parser, jobs/batch_ablate.py) or else `main` on `command` + the
     command line, then `exit_process` with its code."""
+    from .console import native_stderr_to_log
     from .resources import tune_gc
 
     tune_gc()
+    native_stderr_to_log()
     exit_process(entry() if entry is not None else main([*command, *sys.argv[1:]]))
 
 

@@ -9,7 +9,9 @@ By default (`--verbose` off):
   reaches the driver through a small actor (`Board`): rank 0 posts its lines there, the driver
   prints each once, as a bar that redraws in place on a terminal;
 - library warnings (torch, DeepSpeed, torchmetrics, Ray) and Ray's INFO logging go to
-  `<output-dir>/logs/job.log` instead of the console, next to every line the console showed; each
+  `<output-dir>/logs/job.log` instead of the console, next to every line the console showed; so does
+  what native code writes to the process's stderr (Ray's C++ core worker in the driver) in a job's
+  own process (`cli.script`: file descriptor 2 goes to the log, `sys.stderr` keeps the console); each
   training worker writes its own lines to `<output-dir>/logs/rank<r>.log` when it can reach the
   folder (always on one machine). Ray keeps its full worker logs in its session folder.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 ENV = "RAYABLATE_VERBOSE"
 LOG_DIR = "logs"
 _LIBRARY_LOGGERS = ("ray", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torch", "py.warnings")
-_state = {"file": None}
+_state = {"file": None, "native": False, "stderr": None}
 
 
 def is_verbose() -> bool:
@@ -71,6 +73,7 @@ def session(verbose: bool):
             for f, v in saved.items():
                 setattr(ctx, f, v)
             logging.captureWarnings(False)
+            _native_stderr_back()
             if _state["file"] is not None:
                 _state["file"].close()
                 _state["file"] = None
@@ -131,6 +134,8 @@ def log_to(out: str | Path) -> Path | None:
     except OSError:
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    if _state["native"]:
+        _native_stderr_to(path)
     old = _state["file"]
     _state["file"] = handler
     for name in _LIBRARY_LOGGERS:
@@ -140,6 +145,42 @@ def log_to(out: str | Path) -> Path | None:
         lg.addHandler(handler)
     quiet_libraries()
     return path
+
+
+def native_stderr_to_log() -> None:
+    """In a job's own process (`cli.script`), quiet mode's `log_to` also sends what native code
+    writes to file descriptor 2 into logs/job.log: Ray's C++ core worker logs there in the driver,
+    e.g. an ERROR line for every Ray Data actor pool (`core_worker.cc ... constructor arguments in the
+    object store and max_restarts > 0`, ray-project/ray#53727, which the job can do nothing about).
+    Python's own `sys.stderr` (error messages, progress bars) stays on the console. Not for a CLI
+    run in-process (tests): their captured stderr is theirs."""
+    _state["native"] = True
+
+
+def _native_stderr_to(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    sys.stderr.flush()
+    if _state["stderr"] is None:
+        console = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                            errors="backslashreplace")
+        _state["stderr"] = (sys.stderr, console)
+        sys.stderr = console
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _native_stderr_back() -> None:
+    if _state["stderr"] is None:
+        return
+    previous, console = _state["stderr"]
+    _state["stderr"] = None
+    console.flush()
+    os.dup2(console.fileno(), 2)
+    sys.stderr = previous
+    console.close()
 
 
 def say(line: str) -> None:

@@ -87,6 +87,28 @@ def test_a_local_rays_start_imports_the_drivers_warm_modules_and_its_stop_kills_
     assert _fresh_python(code)[-7:] == ["False", "False None", "True True False", "int None", "gone", "7", "False"]
 
 
+def test_a_quiet_job_process_sends_native_stderr_to_its_log_and_keeps_pythons_on_the_console(tmp_path):
+    """In a job's own process (`cli.script` -> `console.native_stderr_to_log`), quiet mode's `log_to`
+    points file descriptor 2 (native code: Ray's C++ core worker) at logs/job.log, while `sys.stderr`
+    (error messages, progress bars) stays on the console; the session's end puts fd 2 back. Verbose
+    mode, and a process that did not ask (a test calling `main`), keep fd 2 on the console."""
+    code = ("import os, sys; sys.path.insert(0, '.'); from rayablate import console\n"
+            "def run(out, verbose):\n"
+            "    with console.session(verbose):\n"
+            "        console.log_to(out); os.write(2, f'native {out}\\n'.encode())\n"
+            "        print(f'python {out}', file=sys.stderr, flush=True)\n"
+            f"run({str(tmp_path / 'a')!r}, False); console.native_stderr_to_log()\n"
+            f"run({str(tmp_path / 'b')!r}, False); run({str(tmp_path / 'c')!r}, True)\n"
+            "os.write(2, b'native after\\n')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shown = r.stderr.splitlines()
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    assert shown == [f"native {a}", f"python {a}", f"python {b}", f"native {c}", f"python {c}", "native after"], shown
+    assert f"native {b}" in (tmp_path / "b" / "logs" / "job.log").read_text()
+    assert "native" not in (tmp_path / "a" / "logs" / "job.log").read_text()
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--model", "/definitely/not/here"], "model path does not exist"),
     (["--lr-matcher", "0"], "lr_matcher"),
