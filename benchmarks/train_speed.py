@@ -75,9 +75,7 @@ def main() -> int:
 
     import dataclasses
 
-    import ray
-
-    from rayablate.job import init_ray, resolve_models
+    from rayablate.job import init_ray, resolve_models, shutdown_ray
     from rayablate.config import AblationConfig
 
     models = resolve_models(AblationConfig())
@@ -89,7 +87,7 @@ def main() -> int:
     init_ray(num_cpus=2)
     one = ray_train(dataclasses.replace(base, num_workers=1), models.model_path, data, tmp / "w1")
     two = ray_train(dataclasses.replace(base, num_workers=2), models.model_path, data, tmp / "w2")
-    ray.shutdown()
+    shutdown_ray()
     b = args.batch_size
     print(f"\n| setup (batch {b} per worker, {args.steps} steps, toy model) | s/step | vs plain PyTorch |")
     print("|---|---|---|")
