@@ -142,14 +142,14 @@ class AblationConfig:
     robust_margin: float = 0.01
     # robust mode multiplies w_pres and w_uncond by this (adversarial rows push on shared features). At 3
     # the robust style kept dotted and checkered at 0.96 on 96 images a group; at 5, 0.98 and 1.00, with
-    # every inversion still at 6 % (README, "Under attack")
+    # every inversion still at 6 % (docs/measurements.md, "Under attack")
     robust_pres_scale: float = 5.0
     # optimisation
     lr_matcher: float = 1e-3
     lr_disc: float = 2e-4
     # 60: the fewest steps that meet the default job's bar on both default concepts (target <= 0.02,
     # paraphrase <= 0.05, anchor and neighbours at 32 of 32) on two evaluation seeds; 40 and 50 lost one
-    # dotted image in 32 on one of them (benchmarks/convergence.py; README, "How many steps")
+    # dotted image in 32 on one of them (benchmarks/convergence.py; docs/measurements.md, "How many steps")
     steps: int = 60
     batch_size: int = 8
     seed: int = 0

@@ -64,7 +64,7 @@ def batch_model(s: dict) -> dict | None:
     naive sum, a baseline), the one whose check passes, else the one with fewer misses. On a tie the
     joint model (it is trained on every concept's rows, the merge only solves for each edit's
     captions), unless a concept is robust: the merge adds robust deltas as they were trained, while
-    one robust run over every concept's rows holds less under attack (README "Robust batches": under
+    one robust run over every concept's rows holds less under attack (docs/measurements.md "Robust batches": under
     the target-started inversion the toy batch's joint model came back to 22 % / 22 % with one inner
     attacker per concept (38 % / 50 % with one shared), the merged model to 6 % / 22 %, the separate
     robust deltas to 6 % / 9 %)."""
