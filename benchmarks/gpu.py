@@ -192,6 +192,10 @@ def init_single_process(device: str) -> None:
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if device != "cuda":
+        from rayablate.train import skip_shm_collective
+
+        skip_shm_collective()  # else its process group JIT-builds DeepSpeed's shm op: 30-50 s in a new venv
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
 
 
