@@ -5,6 +5,8 @@ variants and a Tune trial alike.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -18,7 +20,11 @@ def kid_clip(scorer, a: np.ndarray, b: np.ndarray) -> float:
             return scorer.encode_images(x.float() / 255.0)
 
     n = min(len(a), len(b))
-    kid = KernelInceptionDistance(feature=ClipFeatures(), subset_size=max(2, min(50, n)), subsets=20)
+    with warnings.catch_warnings():
+        # its constructor warns, for any input, that it buffers every feature; here that is a few
+        # hundred CLIP vectors at most, and the warning reached the console of every API evaluation
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer", category=UserWarning)
+        kid = KernelInceptionDistance(feature=ClipFeatures(), subset_size=max(2, min(50, n)), subsets=20)
     kid.update(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous(), real=True)
     kid.update(torch.from_numpy(b).permute(0, 3, 1, 2).contiguous(), real=False)
     mean, _ = kid.compute()
