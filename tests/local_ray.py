@@ -6,8 +6,19 @@ def start_local_ray(object_store_mb: int = 200):
     """ray.init for tests. The dashboard stays on: Ray Train V2's placement-group cleaner queries the
     controller through its state API. On a starved machine the raylet can miss its start-up deadline
     once; one retry covers that."""
+    import os
+
     import ray
 
+    from rayablate.job import LOCAL_TRAIN_ENV
+    from rayablate.resources import OWNED_RAY_ENV
+
+    # Ray Train's settings of a local job's Ray (job.init_ray), so a test's fits run as a user's do:
+    # no preemption watcher actor, no metrics, a 0.25 s controller poll. Not OWNED_RAY_ENV: a module's
+    # Ray outlives a failed fit, so the placement-group cleaner stays.
+    for key, value in LOCAL_TRAIN_ENV.items():
+        if key != OWNED_RAY_ENV:
+            os.environ.setdefault(key, value)
     for attempt in range(2):
         try:
             ray.init(num_cpus=2, object_store_memory=object_store_mb * 1024**2, include_dashboard=True)
