@@ -227,8 +227,11 @@ def remove_partial_outputs(out: Path, run_dir: Path | None = None) -> list[Path]
     return gone
 
 
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                   "RAY_TRAIN_METRICS_ENABLED": "0", OWNED_RAY_ENV: "1"}
+# Ray Train's settings for a one-node local Ray (see init_ray); tests' module Rays use them too.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                       "RAY_TRAIN_METRICS_ENABLED": "0"}
+# ... and for a local Ray this process started and owns (its fits drop two helper actors).
+LOCAL_TRAIN_ENV = {**LOCAL_RAY_TRAIN_ENV, OWNED_RAY_ENV: "1"}
 
 
 # A local Ray's dashboard: its full head starts subprocess modules that serve the web UI and the

@@ -10,15 +10,13 @@ def start_local_ray(object_store_mb: int = 200):
 
     import ray
 
-    from rayablate.job import LOCAL_TRAIN_ENV
-    from rayablate.resources import OWNED_RAY_ENV
+    from rayablate.job import LOCAL_RAY_TRAIN_ENV
 
     # Ray Train's settings of a local job's Ray (job.init_ray), so a test's fits run as a user's do:
-    # no preemption watcher actor, no metrics, a 0.25 s controller poll. Not OWNED_RAY_ENV: a module's
-    # Ray outlives a failed fit, so the placement-group cleaner stays.
-    for key, value in LOCAL_TRAIN_ENV.items():
-        if key != OWNED_RAY_ENV:
-            os.environ.setdefault(key, value)
+    # no preemption watcher actor, no metrics, a 0.25 s controller poll. Not job.LOCAL_TRAIN_ENV's
+    # owned-Ray flag: a module's Ray outlives a failed fit, so the placement-group cleaner stays.
+    for key, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     for attempt in range(2):
         try:
             ray.init(num_cpus=2, object_store_memory=object_store_mb * 1024**2, include_dashboard=True)
