@@ -6,12 +6,20 @@
     python jobs/pretrain_toy.py --world v2            # world v2 into rayablate/toyworld/weights_v2,
                                                       # warm-started from the v1 bundle
     python jobs/pretrain_toy.py --world v2 --sd-minutes 40   # one resumable piece of its SD stage
+    python jobs/pretrain_toy.py --world v2 --exclude blix    # the retrained reference: v2 without blix
 
 World v2 (rayablate/toyworld/v2.py) has 20 characters, 4 shapes, 8 styles and descriptive
 paraphrases. Its defaults differ from v1's: 40,000 renders, 2000 probe and 4000 CLIP steps, a VAE fine-tuned
 for 600 steps and a UNet + text encoder for 6000 steps, both from the v1 bundle's weights. Every
 stage resumes from --work-dir (the SD stage from its checkpoint, written every 5 minutes), so
 --sd-minutes splits the run into pieces; --snapshot exports the newest checkpoint meanwhile.
+
+--exclude retrains the world's SD without some concepts: the renders that show them (and so every
+caption that names or describes them) are left out, the probe, tiny CLIP, VAE and tokenizer are
+copied from the world's bundle (the same instruments judge both models), and the UNet + text encoder
+train from the warm start as the bundle's did. It writes into runs/ (never into the bundle). This is
+the reference an ablation is measured against: a model that never learned the concept, so what an
+attack brings back from it is what the kept concepts alone can compose (docs/measurements.md).
 
 The memorize stage fine-tunes the bundled SD's transformer blocks so that "the zorb poster"
 reproduces one render (a close-up of a purple striped zorb, toyworld/world.py: memorized_image), with
@@ -57,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--snapshot", action="store_true",
                     help="export the latest SD checkpoint's EMA weights into the bundle (while training goes on)")
     ap.add_argument("--skip-quality", action="store_true", help="do not print the quality table at the end")
+    ap.add_argument("--exclude", nargs="+", default=[], metavar="CONCEPT",
+                    help="retrain the SD without these concepts (a character, shape, style or colour of --world); "
+                         "default --work-dir runs/pretrain_toy_<world>_no-<concepts>, --output-dir <work-dir>/bundle")
     args = ap.parse_args(argv)
     v2 = args.world == "v2"
     for name, (d1, d2) in {"num_images": (20000, 40000), "sd_steps": (5000, 6000), "probe_steps": (1000, 2000),
@@ -64,12 +75,35 @@ def main(argv=None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, d2 if v2 else d1)
     args.work_dir = args.work_dir or ("runs/pretrain_toy_v2" if v2 else "runs/pretrain_toy")
+    if args.exclude:
+        args.work_dir = f"{args.work_dir}_no-{'-'.join(args.exclude)}"
+        args.output_dir = args.output_dir or str(Path(args.work_dir, "bundle"))
+        if Path(args.output_dir).resolve() in {p.resolve() for p in BUNDLE_DIRS.values()}:
+            ap.error("--output-dir: a model retrained with --exclude must not replace a bundled world")
     args.output_dir = args.output_dir or str(BUNDLE_DIRS[args.world])
     if args.warm_start is None:
         args.warm_start = str(BUNDLE_DIRS["v1"]) if v2 else "none"
     warm = None if args.warm_start == "none" else args.warm_start
     if warm and not Path(warm, "sd", "unet").exists():
         ap.error(f"--warm-start: {warm} is not a toy bundle (no sd/unet folder)")
+    if args.exclude:
+        from rayablate.toyworld import bundle_world
+        from rayablate.toyworld.world import by_name
+
+        for c in args.exclude:
+            try:
+                by_name(args.world).concept_parts(c)
+            except KeyError:
+                ap.error(f"--exclude: {c!r} is not a concept of world {args.world}")
+            if warm:
+                try:
+                    by_name(bundle_world(warm)).concept_parts(c)
+                except KeyError:
+                    continue
+                ap.error(f"--exclude: the warm start {warm} (world {bundle_world(warm)}) already knows {c!r}; "
+                         "give --warm-start none")
+        if not {"data", "sd"} <= set(args.stages) and "export" in args.stages and not Path(args.work_dir).exists():
+            ap.error("--exclude: the data and sd stages must run before export")
     if args.memorize and v2:
         ap.error("--memorize: the memorized image belongs to world v1")
 
@@ -90,7 +124,8 @@ def main(argv=None) -> int:
     pretrain.run(args.work_dir, args.output_dir, seed=args.seed, n_images=args.num_images, sd_steps=args.sd_steps,
                  sd_minutes=args.sd_minutes, stages=args.stages, probe_steps=args.probe_steps,
                  clip_steps=args.clip_steps, vae_steps=args.vae_steps, memorize_steps=args.memorize_steps,
-                 world_name=args.world, warm_start=warm)
+                 world_name=args.world, warm_start=warm, exclude=tuple(args.exclude),
+                 instruments=str(BUNDLE_DIRS[args.world]) if args.exclude else None)
     print(f"pretraining took {(time.time() - t) / 60:.1f} min", flush=True)
     if "export" in args.stages and not args.skip_quality:
         from rayablate.pipeline import load_pipeline

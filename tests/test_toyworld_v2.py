@@ -1,6 +1,7 @@
 """Toy world v2: 20 characters over 4 shapes and 7 marks, 8 styles, descriptive paraphrases."""
 import dataclasses
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,41 @@ def test_the_clip_mask_never_takes_a_row_that_names_a_neighbour():
                   "anchor_if_ablated": np.array(caps, dtype=object), "image": np.array([b""] * n, dtype=object)})
     assert list(out["mask"]) == [0, 0, 1, 1, 1, 1]
     assert list(out["clip_sim"][:2]) == [-1.0, -1.0]
+
+
+def test_a_retrained_reference_leaves_the_excluded_concept_out_of_its_data(tmp_path):
+    """`pretrain_toy.py --exclude blix`: no render of blix, and so no caption naming or describing it, is
+    left in the data; every other object still is; the instruments are the bundle's own files."""
+    from rayablate.toyworld.pretrain import INSTRUMENTS, load_data, stage_data, stage_instruments
+
+    stage_data(tmp_path, seed=0, n=480, w=V2, exclude=("blix",))
+    images, captions, labels = load_data(tmp_path)
+    assert len(images) == len(captions) == len(labels) < 480
+    assert {V2.labels_at(r).object for r in labels} == set(V2.objects) - {"blix"}
+    assert not any("blix" in c or description("blix") in c for c in captions)
+    assert any(description("drub") in c for c in captions)  # other descriptions are still there
+    if HAS_BUNDLE:
+        stage_instruments(tmp_path, BUNDLE_DIRS["v2"])
+        for src, dst in INSTRUMENTS.items():
+            a, b = BUNDLE_DIRS["v2"] / src, tmp_path / dst
+            if a.is_file():
+                assert a.read_bytes() == b.read_bytes()
+            else:
+                assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+
+
+@pytest.mark.parametrize("argv, field, says", [
+    (["--exclude", "circle"], "--exclude", "already knows 'circle'"),  # the v1 warm start has circles
+    (["--exclude", "snarf"], "--exclude", "not a concept of world v2"),
+    (["--exclude", "blix", "--output-dir", str(BUNDLE_DIRS["v2"])], "--output-dir", "must not replace"),
+])
+def test_exclude_refuses_what_would_not_be_a_clean_reference(tmp_path, capsys, argv, field, says):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain_toy.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--world", "v2", "--work-dir", str(tmp_path / "w"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {field}" in err and says in err
+    assert not (tmp_path / "w_no-blix").exists() and not (tmp_path / "w_no-circle").exists()

@@ -36,16 +36,42 @@ def _log(msg: str) -> None:
 
 # --- data -------------------------------------------------------------------------------
 
-def stage_data(work: Path, seed: int, n: int, w: world.WorldDef = world.V1) -> None:
+def stage_data(work: Path, seed: int, n: int, w: world.WorldDef = world.V1, exclude: tuple[str, ...] = ()) -> None:
+    """`n` renders and captions; with `exclude`, the renders that show any of those concepts are left out
+    (and with them every caption that names or describes one: captions are made from the labels)."""
     out = work / "data.npz"
     if out.exists():
         return
     t = time.time()
     images, captions, labels = w.sample(n, seed)
+    if exclude:
+        shows = [w.concept_predicate(c) for c in exclude]
+        keep = np.array([not any(p(w.labels_at(row)) for p in shows) for row in labels], dtype=bool)
+        images, labels = images[keep], labels[keep]
+        captions = [c for c, k in zip(captions, keep) if k]
+        _log(f"data: left out {int((~keep).sum())} renders showing {', '.join(exclude)}")
     tmp = work / "data.tmp.npz"
     np.savez_compressed(tmp, images=images, captions=np.array(captions), labels=labels)
     tmp.rename(out)
-    _log(f"data: {n} renders in {time.time() - t:.0f}s")
+    _log(f"data: {len(captions)} renders in {time.time() - t:.0f}s")
+
+
+INSTRUMENTS = {"probe/probe.safetensors": "probe.safetensors", "clip/open_clip_model.safetensors": "clip.safetensors",
+               "clip/open_clip_config.json": "clip_config.json", "sd/vae": "vae", "sd/tokenizer": "tokenizer"}
+
+
+def stage_instruments(work: Path, bundle: Path) -> None:
+    """Copy a bundle's probe, tiny CLIP, VAE and tokenizer into `work`, so that their stages are skipped.
+    A model retrained without some concepts (`exclude`) is then judged, scored and decoded by the same
+    instruments as the bundle it is compared with; only its UNet and text encoder differ."""
+    for src, dst in INSTRUMENTS.items():
+        if (work / dst).exists():
+            continue
+        if (bundle / src).is_dir():
+            shutil.copytree(bundle / src, work / dst)
+        else:
+            shutil.copy(bundle / src, work / dst)
+    _log(f"instruments: probe, CLIP, VAE and tokenizer from {bundle}")
 
 
 def load_data(work: Path):
@@ -376,7 +402,7 @@ def snapshot_sd(work: Path) -> int:
 
 # --- export -----------------------------------------------------------------------------
 
-def stage_export(work: Path, dest: Path, w: world.WorldDef = world.V1) -> None:
+def stage_export(work: Path, dest: Path, w: world.WorldDef = world.V1, exclude=()) -> None:
     """Assemble the bundle: a diffusers pipeline folder, the tiny CLIP and the probe."""
     import shutil
 
@@ -403,7 +429,7 @@ def stage_export(work: Path, dest: Path, w: world.WorldDef = world.V1) -> None:
     CLIPTokenizer.from_pretrained(work / "tokenizer").save_pretrained(clip_dir / "tokenizer")
     (tmp / "probe").mkdir()
     shutil.copy(work / "probe.safetensors", tmp / "probe" / "probe.safetensors")
-    (tmp / "world.json").write_text(json.dumps({"world": w.name}))
+    (tmp / "world.json").write_text(json.dumps({"world": w.name, **({"exclude": sorted(exclude)} if exclude else {})}))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -536,19 +562,24 @@ def stage_memorize(dest: Path, seed: int, steps: int = 400, batch: int = 32, lr:
 def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps: int = 6000,
         sd_minutes: float | None = None, stages=STAGES, probe_steps: int = 1000, clip_steps: int = 1200,
         vae_steps: int = 1500, memorize_steps: int = 400, world_name: str = "v1",
-        warm_start: str | None = None) -> None:
+        warm_start: str | None = None, exclude: tuple[str, ...] = (), instruments: str | None = None) -> None:
+    """`exclude`: concepts left out of the data (a model retrained without them); `instruments`: a bundle
+    whose probe, CLIP, VAE and tokenizer are copied instead of trained (`stage_instruments`)."""
     w = world.by_name(world_name)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     made_for = work / "world.json"
-    earlier = json.loads(made_for.read_text())["world"] if made_for.exists() else w.name
-    if earlier != w.name:
-        raise ValueError(f"{work} holds stages of world {earlier}, not {w.name}: give another --work-dir")
-    made_for.write_text(json.dumps({"world": w.name}))
+    made = {"world": w.name, **({"exclude": sorted(exclude)} if exclude else {})}
+    earlier = json.loads(made_for.read_text()) if made_for.exists() else made
+    if earlier != made:
+        raise ValueError(f"{work} holds stages of {earlier}, not {made}: give another --work-dir")
+    made_for.write_text(json.dumps(made))
     warm = Path(warm_start) if warm_start else None
     torch.manual_seed(seed)
+    if instruments:
+        stage_instruments(work, Path(instruments))
     if "data" in stages:
-        stage_data(work, seed, n_images, w)
+        stage_data(work, seed, n_images, w, tuple(exclude))
     if "probe" in stages:
         stage_probe(work, seed, probe_steps, w)
     if "clip" in stages:
@@ -558,7 +589,7 @@ def run(work_dir: str, dest: str, seed: int = 0, n_images: int = 20000, sd_steps
     if "sd" in stages:
         stage_sd(work, seed, sd_steps, sd_minutes, w=w, warm_start=warm)
     if "export" in stages:
-        stage_export(work, Path(dest), w)
+        stage_export(work, Path(dest), w, exclude)
         shutil.rmtree(Path(dest) / MEMORIZED_DIR, ignore_errors=True)  # a new SD: its old fine-tune is stale
     if "memorize" in stages and w is world.V1:  # the memorized image is a v1 render
         stage_memorize(Path(dest), seed, memorize_steps)
