@@ -13,6 +13,11 @@ Every attack also runs against the *base* model: a rate there well above the edi
 what makes a low edited rate mean something. When the base rate stays below `SANITY_RATE` the
 report says the attack failed, not that the ablation held.
 
+With a *retrained* model as well (the same model trained without the concept, e.g. `jobs/pretrain_toy.py
+--exclude`), every attack runs against it too: what comes back from a model that never learned the
+concept is what its kept concepts alone can compose, the floor an ablation that keeps them is measured
+against (the gold standard of unlearning).
+
 The judge: the toy world's probe (share of images showing the concept); on a real model, CLIP
 accuracy of the concept against the anchor (the job's metric for models without a judge).
 """
@@ -364,9 +369,10 @@ def _inversion(pipe, refs, settings, spec, world, prompts, plan, judge, device, 
 
 
 def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None, device: str = "cpu",
-                log=print, base_cache: dict | None = None, refs: References | None = None
+                log=print, base_cache: dict | None = None, refs: References | None = None, retrained_pipe=None
                 ) -> tuple[dict, list[tuple[str, np.ndarray]]]:
-    """Every attack of `plan` against `pipe` (the edited model) and `base_pipe` (the sanity check).
+    """Every attack of `plan` against `pipe` (the edited model) and `base_pipe` (the sanity check), and
+    against `retrained_pipe` when given (a model trained without the concept: the floor).
 
     Returns (the `attack` group of metrics.json, grid rows [(label, images)]). `base_cache`: results
     of the same attacks on the same base model, reused across calls (e.g. by benchmarks and Tune
@@ -382,6 +388,8 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
     rows = [("plain word", plain)]
     out: dict = {"judge": judge.name, "num_images": len(prompts), "references": refs.source if refs else None,
                  "plain_rate": judge.rate(plain), "attacks": [], "sanity_rate": SANITY_RATE}
+    if retrained_pipe is not None:
+        out["retrained_plain_rate"] = judge.rate(_sample(retrained_pipe, prompts, plan, device))
     for s in plan.inversions:
         edited, imgs = _inversion(pipe, refs, s, spec, world, prompts, plan, judge, device, log, "edited")
         key = ("inversion", s.label(), s.seed)
@@ -395,17 +403,25 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
                                "attack_ok": base["rate"] >= SANITY_RATE, "final_loss": edited["final_loss"],
                                "wall_s": edited["wall_s"]})
         rows.append((s.label(), imgs))
-        log(f"{s.label()}: concept back in {edited['rate']:.0%} of images (base model: {base['rate']:.0%})")
+        also = ""
+        if retrained_pipe is not None:
+            again, again_imgs = _inversion(retrained_pipe, refs, s, spec, world, prompts, plan, judge, device, log,
+                                           "retrained")
+            out["attacks"][-1].update(retrained_rate=again["rate"], retrained_final_loss=again["final_loss"])
+            rows.append((f"{s.label()}, retrained model", again_imgs))
+            also = f", retrained without it: {again['rate']:.0%}"
+        log(f"{s.label()}: concept back in {edited['rate']:.0%} of images (base model: {base['rate']:.0%}{also})")
     if plan.prompt is not None:
         out["attacks"].append(_prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, log,
-                                             base_cache, rows))
+                                             base_cache, rows, retrained_pipe))
     ok = [a["concept_rate"] for a in out["attacks"] if a["attack_ok"]]
     out["max_rate"] = max(ok) if ok else None
     out["failed"] = [a["label"] for a in out["attacks"] if not a["attack_ok"]]
     return out, rows
 
 
-def _prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, log, base_cache, rows) -> dict:
+def _prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, log, base_cache, rows,
+                   retrained_pipe=None) -> dict:
     s, t0 = plan.prompt, time.time()
     label = f"prompt search {s.length} tokens of {s.candidates}"
     words = prompt_search(pipe, spec, world, judge, s, prompts, plan.seed, plan.guidance, device, log)
@@ -420,11 +436,19 @@ def _prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, l
     base = base_cache[key]
     rows.append((f"{label}: {' '.join(words)}", imgs))
     rate = judge.rate(imgs)
+    out = {"kind": "prompt", "label": label, "settings": dataclasses.asdict(s), "words": words,
+           "concept_rate": rate, "base_rate": base["rate"], "base_words": base["words"],
+           "attack_ok": base["rate"] >= SANITY_RATE, "wall_s": time.time() - t0}
+    also = ""
+    if retrained_pipe is not None:
+        rw = prompt_search(retrained_pipe, spec, world, judge, s, prompts, plan.seed, plan.guidance, device, log)
+        rimgs = _sample(retrained_pipe, with_tokens(prompts, world.concept_words(spec), " ".join(rw)), plan, device)
+        out.update(retrained_rate=judge.rate(rimgs), retrained_words=rw)
+        rows.append((f"{label}, retrained model: {' '.join(rw)}", rimgs))
+        also = f"; retrained without it: {out['retrained_rate']:.0%} with {' '.join(rw)!r}"
     log(f"{label}: {' '.join(words)!r} brings the concept back in {rate:.0%} of images "
-        f"(base model: {base['rate']:.0%} with {' '.join(base['words'])!r})")
-    return {"kind": "prompt", "label": label, "settings": dataclasses.asdict(s), "words": words,
-            "concept_rate": rate, "base_rate": base["rate"], "base_words": base["words"],
-            "attack_ok": base["rate"] >= SANITY_RATE, "wall_s": time.time() - t0}
+        f"(base model: {base['rate']:.0%} with {' '.join(base['words'])!r}{also})")
+    return out
 
 
 def robustness_markdown(group: dict, grid_name: str = "attack_grid.png") -> str:
@@ -436,12 +460,19 @@ def robustness_markdown(group: dict, grid_name: str = "attack_grid.png") -> str:
              f"{group['references'] or 'none'}. Each attack also runs against the base model: it must bring the "
              f"concept back there in at least {pct(group['sanity_rate'])} of images, or it is marked failed "
              "(a low rate on the edited model then proves nothing).", ""]
-    rows = [["plain word (no attack)", pct(group["plain_rate"]), "", ""]]
+    retrained = "retrained_plain_rate" in group
+    if retrained:
+        lines += ["The same attacks also ran against a model trained without the concept: what they bring back "
+                  "there is what the kept concepts alone can compose, the floor for an ablation that keeps them.", ""]
+    rows = [["plain word (no attack)", pct(group["plain_rate"]), "", ""]
+            + ([pct(group["retrained_plain_rate"])] if retrained else [])]
     for a in group["attacks"]:
         extra = f" `{' '.join(a['words'])}`" if a.get("words") else ""
         rows.append([a["label"] + extra, pct(a["concept_rate"]), pct(a["base_rate"]),
-                     "ok" if a["attack_ok"] else "**attack failed**"])
-    lines += markdown_table(["attack", "edited model", "base model", "sanity"], rows).splitlines()
+                     "ok" if a["attack_ok"] else "**attack failed**"]
+                    + ([pct(a["retrained_rate"])] if retrained else []))
+    lines += markdown_table(["attack", "edited model", "base model", "sanity"]
+                            + (["retrained without the concept"] if retrained else []), rows).splitlines()
     worst = group.get("max_rate")
     lines += ["", f"Strongest working attack: concept back in {pct(worst) if worst is not None else 'n/a'} of images."]
     if group["failed"]:

@@ -282,8 +282,10 @@ def _evaluate(argv) -> int:
     return guarded(run, args.verbose)
 
 
-def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None = None) -> dict:
-    """Attack model (+ delta) for cfg's concept; write metrics.json's `attack`, report.md, attack_grid.png."""
+def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None = None,
+               retrained_model: str | None = None) -> dict:
+    """Attack model (+ delta) for cfg's concept, and `retrained_model` (trained without it) when given;
+    write metrics.json's `attack`, report.md, attack_grid.png."""
     import torch
 
     from .attack import run_attacks, write_outputs
@@ -300,9 +302,11 @@ def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None =
         edited = load_pipeline(models.model_path, device=device)
     if delta:
         apply_delta(edited, delta)
+    retrained = load_pipeline(retrained_model, device=device) if retrained_model else None
     scorer = ClipScorer.load(models.clip) if models.world.judge() is None else None
     say = lambda m: print(f"[rayablate.attack] {m}", flush=True)  # noqa: E731
-    group, rows = run_attacks(edited, base, cfg.concept, models.world, plan, scorer, device, say)
+    group, rows = run_attacks(edited, base, cfg.concept, models.world, plan, scorer, device, say,
+                              retrained_pipe=retrained)
     write_outputs(out, group, rows)
     worst = group["max_rate"]
     say(f"strongest working attack: concept back in {'n/a' if worst is None else f'{worst:.0%}'} of images; "
@@ -320,13 +324,18 @@ def _attack(argv) -> int:
     ap.add_argument("--delta", help="matcher_delta.safetensors to attack (applied to --model); without it the "
                                     "pipeline --model itself is attacked")
     ap.add_argument("--base-model", help="the unedited model of the sanity check (default: --model)")
+    ap.add_argument("--retrained-model",
+                    help="a model trained without the concept (for the toy worlds: jobs/pretrain_toy.py --exclude); "
+                         "every attack runs against it too, and the report shows what comes back from a model that "
+                         "never learned the concept: the floor for an ablation that keeps everything else")
     add_attack_flags(ap)
     args = ap.parse_args(argv)
 
     def run():
         from .attack import folder_references, plan_from_args
+        from .config import ConfigError
         from .job import _model_resolution, check_model, resolve_models
-        from .pipeline import check_delta_fits
+        from .pipeline import PipelineLoadError, check_delta_fits
 
         cfg = config_from_args(args)
         plan = plan_from_args(args, cfg)
@@ -335,12 +344,16 @@ def _attack(argv) -> int:
         if plan.references:  # refused before any model loads
             size = _model_resolution(models.model_path)
             folder_references(plan.references, (size, size))
-        if args.base_model:
-            check_model(args.base_model)
+        for field, path in (("--base-model", args.base_model), ("--retrained-model", args.retrained_model)):
+            if path:
+                try:
+                    check_model(path)
+                except PipelineLoadError as e:
+                    raise ConfigError(field, str(e)) from None
         if args.delta:
             check_delta_fits(args.delta, models.model_path)
         out = Path(args.output_dir or "outputs/attack")
-        attack_run(cfg, plan, out, args.delta, args.base_model)
+        attack_run(cfg, plan, out, args.delta, args.base_model, args.retrained_model)
         print(f"results in {out}: metrics.json (attack), report.md, attack_grid.png")
 
     return guarded(run)

@@ -184,3 +184,34 @@ def test_attack_job_writes_the_attack_group_report_section_and_grid(tmp_path, ca
     report = (out / "report.md").read_text()
     assert "## Robustness under attack" in report and "attack_grid.png" in report
     assert (out / "attack_grid.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_attacks_also_run_against_a_model_retrained_without_the_concept(tmp_path, capsys):
+    """`rayablate attack --retrained-model`: the world v1 bundle is a model that never learned v2's blix
+    (no hat was ever drawn in its data; it is what `pretrain_toy.py --world v2 --exclude blix` warm-starts
+    from), so inversion brings back less of blix there than from the v2 model that knows it, and the
+    report and grid show the third model."""
+    from rayablate.cli import main
+    from rayablate.toyworld import BUNDLE_DIRS
+
+    out = tmp_path / "attack"
+    rc = main(["attack", "--config", str(ROOT / "configs" / "instance_blix_v2.yaml"), "--attacks", "inversion",
+               "--attack-steps", "60", "--num-references", "64", "--attack-images", "8", "--init", "anchor",
+               "--retrained-model", str(BUNDLE_DIRS["v1"] / "sd"), "--output-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    group = json.loads((out / "metrics.json").read_text())["attack"]
+    inv = group["attacks"][0]
+    assert inv["attack_ok"] and inv["base_rate"] >= 0.5
+    assert inv["retrained_rate"] < inv["base_rate"] and group["retrained_plain_rate"] <= 0.125
+    assert "retrained without the concept" in (out / "report.md").read_text()
+    assert "retrained without it" in capsys.readouterr().out
+
+
+def test_a_retrained_model_that_is_not_a_pipeline_is_refused_by_its_field(tmp_path, capsys):
+    from rayablate.cli import main
+
+    rc = main(["attack", "--config", str(ROOT / "configs" / "instance_blix_v2.yaml"),
+               "--retrained-model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")])
+    assert rc == 2
+    assert "--retrained-model" in capsys.readouterr().err and not (tmp_path / "out").exists()
