@@ -3,6 +3,8 @@
     python benchmarks/robustness.py                 # both default concepts, the full attack suite
     python benchmarks/robustness.py --quick         # a smaller attack budget (a smoke run)
     python benchmarks/robustness.py --concepts blix_v2   # world v2: blix, whose neighbours wear its hat
+    python benchmarks/robustness.py --concepts blix_v2 \
+        --retrained blix_v2=runs/pretrain_toy_v2_no-blix/bundle/sd   # + the floor: a model without blix
 
 For each concept (world v1: the default style `striped` and `configs/instance_zorb.yaml`; world
 v2: `configs/instance_blix_v2.yaml` and `configs/instance_zorb_v2.yaml`, entangled characters whose
@@ -21,7 +23,9 @@ and the greedy prompt search), each also run on the base model as the sanity che
   group's kept rate;
 - fidelity: share of prompts naming none of the concepts whose object, colour and pattern the
   probe reads as asked (the base model's rate next to it);
-- wall: the job's wall time, and robust / default as a ratio.
+- wall: the job's wall time, and robust / default as a ratio;
+- with `--retrained NAME=SD`, a last column: the same attacks on a model trained without the concept
+  (`jobs/pretrain_toy.py --exclude`), what its kept concepts alone bring back (the floor).
 
 Writes the numbers to --output-dir/robustness.json and a markdown table to robustness.md.
 """
@@ -109,7 +113,7 @@ def kept_rates(base, edited, cfg, world, n: int, seed: int, cache: dict) -> dict
 
 
 def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: bool = False,
-            kept_images: int = 96) -> dict:
+            kept_images: int = 96, retrained=None) -> dict:
     """One job's numbers: `world` and `sd` are its toy world and base SD folder (`world_of`)."""
     from rayablate.attack import run_attacks
     from rayablate.pipeline import apply_delta, load_pipeline
@@ -122,7 +126,8 @@ def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: 
     old = m.get("attack")
     labels = [x.label() for x in plan.inversions] + ([f"prompt search {plan.prompt.length} tokens of "
                                                        f"{plan.prompt.candidates}"] if plan.prompt else [])
-    if reuse and old and [a["label"] for a in old["attacks"]] == labels:
+    if reuse and old and [a["label"] for a in old["attacks"]] == labels and (
+            retrained is None or "retrained_plain_rate" in old):
         group = old  # measured by an earlier run of this script (--reuse)
         for a, s in zip(group["attacks"], plan.inversions):
             base_cache.setdefault(("inversion", a["label"], s.seed), {"rate": a["base_rate"]})
@@ -130,7 +135,8 @@ def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: 
             a = group["attacks"][-1]
             base_cache.setdefault(("prompt", a["label"]), {"rate": a["base_rate"], "words": a["base_words"]})
     else:
-        group, rows = run_attacks(edited, base, cfg.concept, world, plan, None, "cpu", log, base_cache)
+        group, rows = run_attacks(edited, base, cfg.concept, world, plan, None, "cpu", log, base_cache,
+                                  retrained_pipe=retrained)
         from rayablate.attack import write_outputs
 
         write_outputs(out, group, rows)
@@ -141,7 +147,7 @@ def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: 
             "preservation": min(g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for g in keep),
             "kept": kept, "preservation_large": min(k["kept"] for k in kept.values()),
             "fidelity": fidelity(edited, cfg.concept, world, plan.num_images * 2, 4242),
-            "attacks": group["attacks"]}
+            "attacks": group["attacks"], "retrained_plain": group.get("retrained_plain_rate")}
 
 
 def main() -> int:
@@ -154,6 +160,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
     ap.add_argument("--kept-images", type=int, default=96,
                     help="images per anchor / neighbour group of the larger preservation measurement")
+    ap.add_argument("--retrained", action="append", default=[], metavar="NAME=SD",
+                    help="a model trained without concept NAME (its diffusers folder, e.g. from jobs/pretrain_toy.py "
+                         "--exclude): every attack also runs against it, in a last column")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the jobs and attacks already finished in --output-dir (same attack suite)")
     args = ap.parse_args()
@@ -161,6 +170,13 @@ def main() -> int:
     unknown = [n for n in names if n not in CONCEPTS]
     if unknown:
         ap.error(f"--concepts: unknown {', '.join(unknown)}; known: {', '.join(CONCEPTS)}")
+    retrained_sd = dict(r.split("=", 1) for r in args.retrained if "=" in r)
+    bad = [r for r in args.retrained if "=" not in r] + [n for n in retrained_sd if n not in names]
+    if bad:
+        ap.error(f"--retrained: {', '.join(bad)}: give NAME=SD with NAME one of --concepts")
+    missing = [sd for sd in retrained_sd.values() if not Path(sd, "model_index.json").exists()]
+    if missing:
+        ap.error(f"--retrained: not a diffusers folder: {', '.join(missing)}")
 
     import torch
 
@@ -191,6 +207,7 @@ def main() -> int:
     for name in names:
         res = results[name] = {}
         base_cache: dict = {}
+        retrained = load_pipeline(retrained_sd[name]) if name in retrained_sd else None
         for mode in ("default", "robust"):
             # the job's own config.yaml: its robust settings and its neighbours, automatic ones included
             cfg = load_config(out_root / name / mode / "config.yaml")
@@ -200,7 +217,8 @@ def main() -> int:
             base = bases[sd]
             plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.images, seed=cfg.eval_seed)
             res[mode] = {"wall_s": walls[name, mode], **measure(cfg, world, sd, out_root / name / mode, base, base_cache,
-                                                                plan, log, args.reuse, args.kept_images)}
+                                                                plan, log, args.reuse, args.kept_images,
+                                                                retrained)}
         res["base_fidelity"] = fidelity(base, cfg.concept, world, args.images * 2, 4242)
         res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
@@ -217,11 +235,15 @@ def markdown(results: dict) -> str:
     lines = []
     for name, res in results.items():
         d, r = res["default"], res["robust"]
-        lines += [f"\n**{name}**\n", "| | default | robust | base model |", "|---|---|---|---|",
-                  f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |",
+        floor = d.get("retrained_plain") is not None
+        lines += [f"\n**{name}**\n", "| | default | robust | base model |" + (" retrained without it |" if floor else ""),
+                  "|---|---|---|---|" + ("---|" if floor else ""),
+                  f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |" + (f" {pct(d['retrained_plain'])} |"
+                                                                                   if floor else ""),
                   f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"]
         for a, b in zip(d["attacks"], r["attacks"]):
-            lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |")
+            lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |"
+                         + (f" {pct(a.get('retrained_rate'))} |" if floor else ""))
         lines += [f"| preservation (min after/before, the job's 32 images) | {pct(d['preservation'])} | "
                   f"{pct(r['preservation'])} | |",
                   f"| preservation (min after/before, {len(r['kept'])} groups of "

@@ -372,7 +372,8 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
                 log=print, base_cache: dict | None = None, refs: References | None = None, retrained_pipe=None
                 ) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     """Every attack of `plan` against `pipe` (the edited model) and `base_pipe` (the sanity check), and
-    against `retrained_pipe` when given (a model trained without the concept: the floor).
+    against `retrained_pipe` when given (a model trained without the concept: the floor; its results
+    are kept in `base_cache` too, so a benchmark attacking several deltas runs them once).
 
     Returns (the `attack` group of metrics.json, grid rows [(label, images)]). `base_cache`: results
     of the same attacks on the same base model, reused across calls (e.g. by benchmarks and Tune
@@ -389,7 +390,9 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
     out: dict = {"judge": judge.name, "num_images": len(prompts), "references": refs.source if refs else None,
                  "plain_rate": judge.rate(plain), "attacks": [], "sanity_rate": SANITY_RATE}
     if retrained_pipe is not None:
-        out["retrained_plain_rate"] = judge.rate(_sample(retrained_pipe, prompts, plan, device))
+        if ("retrained", "plain") not in base_cache:
+            base_cache[("retrained", "plain")] = judge.rate(_sample(retrained_pipe, prompts, plan, device))
+        out["retrained_plain_rate"] = base_cache[("retrained", "plain")]
     for s in plan.inversions:
         edited, imgs = _inversion(pipe, refs, s, spec, world, prompts, plan, judge, device, log, "edited")
         key = ("inversion", s.label(), s.seed)
@@ -405,10 +408,12 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
         rows.append((s.label(), imgs))
         also = ""
         if retrained_pipe is not None:
-            again, again_imgs = _inversion(retrained_pipe, refs, s, spec, world, prompts, plan, judge, device, log,
-                                           "retrained")
+            if ("retrained", *key) not in base_cache:  # like the base model's, once per plan
+                base_cache[("retrained", *key)], again_imgs = _inversion(
+                    retrained_pipe, refs, s, spec, world, prompts, plan, judge, device, log, "retrained")
+                rows.append((f"{s.label()}, retrained model", again_imgs))
+            again = base_cache[("retrained", *key)]
             out["attacks"][-1].update(retrained_rate=again["rate"], retrained_final_loss=again["final_loss"])
-            rows.append((f"{s.label()}, retrained model", again_imgs))
             also = f", retrained without it: {again['rate']:.0%}"
         log(f"{s.label()}: concept back in {edited['rate']:.0%} of images (base model: {base['rate']:.0%}{also})")
     if plan.prompt is not None:
@@ -441,11 +446,15 @@ def _prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, l
            "attack_ok": base["rate"] >= SANITY_RATE, "wall_s": time.time() - t0}
     also = ""
     if retrained_pipe is not None:
-        rw = prompt_search(retrained_pipe, spec, world, judge, s, prompts, plan.seed, plan.guidance, device, log)
-        rimgs = _sample(retrained_pipe, with_tokens(prompts, world.concept_words(spec), " ".join(rw)), plan, device)
-        out.update(retrained_rate=judge.rate(rimgs), retrained_words=rw)
-        rows.append((f"{label}, retrained model: {' '.join(rw)}", rimgs))
-        also = f"; retrained without it: {out['retrained_rate']:.0%} with {' '.join(rw)!r}"
+        if ("retrained", *key) not in base_cache:
+            rw = prompt_search(retrained_pipe, spec, world, judge, s, prompts, plan.seed, plan.guidance, device, log)
+            rimgs = _sample(retrained_pipe, with_tokens(prompts, world.concept_words(spec), " ".join(rw)), plan,
+                            device)
+            base_cache[("retrained", *key)] = {"rate": judge.rate(rimgs), "words": rw}
+            rows.append((f"{label}, retrained model: {' '.join(rw)}", rimgs))
+        again = base_cache[("retrained", *key)]
+        out.update(retrained_rate=again["rate"], retrained_words=again["words"])
+        also = f"; retrained without it: {again['rate']:.0%} with {' '.join(again['words'])!r}"
     log(f"{label}: {' '.join(words)!r} brings the concept back in {rate:.0%} of images "
         f"(base model: {base['rate']:.0%} with {' '.join(base['words'])!r}{also})")
     return out
