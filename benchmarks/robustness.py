@@ -112,6 +112,18 @@ def kept_rates(base, edited, cfg, world, n: int, seed: int, cache: dict) -> dict
     return out
 
 
+def paraphrase_rate(pipe, cfg, world, n: int) -> float | None:
+    """The held-out paraphrase's rate on `pipe`, with the job evaluation's prompts and seeds."""
+    from rayablate.sampling import prompt_seed, sample_images
+
+    for g in world.eval_groups(cfg.concept, n, cfg.eval_seed):
+        if g.name == "paraphrases":
+            imgs = sample_images(pipe, g.prompts, [prompt_seed(cfg.eval_seed, i) for i in range(len(g.prompts))],
+                                 cfg.eval_steps, cfg.guidance_scale)
+            return world.judge().concept_rate(imgs, g.concept)
+    return None
+
+
 def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: bool = False,
             kept_images: int = 96, retrained=None) -> dict:
     """One job's numbers: `world` and `sd` are its toy world and base SD folder (`world_of`)."""
@@ -220,6 +232,11 @@ def main() -> int:
                                                                 plan, log, args.reuse, args.kept_images,
                                                                 retrained)}
         res["base_fidelity"] = fidelity(base, cfg.concept, world, args.images * 2, 4242)
+        if retrained is not None:  # the floor model's own preservation and fidelity, measured alike
+            res["retrained"] = {"paraphrase": paraphrase_rate(retrained, cfg, world, cfg.eval_images),
+                                "kept": kept_rates(base, retrained, cfg, world, args.kept_images, cfg.eval_seed + 5000,
+                                                   base_cache.setdefault("kept_before", {})),
+                                "fidelity": fidelity(retrained, cfg.concept, world, args.images * 2, 4242)}
         res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
@@ -234,25 +251,29 @@ def markdown(results: dict) -> str:
 
     lines = []
     for name, res in results.items():
-        d, r = res["default"], res["robust"]
-        floor = d.get("retrained_plain") is not None
+        d, r, f = res["default"], res["robust"], res.get("retrained")
+        floor = d.get("retrained_plain") is not None and f is not None
         lines += [f"\n**{name}**\n", "| | default | robust | base model |" + (" retrained without it |" if floor else ""),
                   "|---|---|---|---|" + ("---|" if floor else ""),
                   f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |" + (f" {pct(d['retrained_plain'])} |"
                                                                                    if floor else ""),
-                  f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"]
+                  f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"
+                  + (f" {pct(f['paraphrase'])} |" if floor else "")]
         for a, b in zip(d["attacks"], r["attacks"]):
             lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |"
                          + (f" {pct(a.get('retrained_rate'))} |" if floor else ""))
+        fc = (lambda v: f" {v} |") if floor else (lambda v: "")  # noqa: E731  the floor model's cell, if any
         lines += [f"| preservation (min after/before, the job's 32 images) | {pct(d['preservation'])} | "
-                  f"{pct(r['preservation'])} | |",
+                  f"{pct(r['preservation'])} | |" + fc(""),
                   f"| preservation (min after/before, {len(r['kept'])} groups of "
-                  f"{res['kept_images']} images) | {pct(d['preservation_large'])} | {pct(r['preservation_large'])} | |",
+                  f"{res['kept_images']} images) | {pct(d['preservation_large'])} | {pct(r['preservation_large'])} | |"
+                  + fc(pct(min(k["kept"] for k in f["kept"].values())) if floor else ""),
                   *(f"| kept: {k} | {pct(d['kept'][k]['kept'])} | {pct(v['kept'])} | {pct(v['before'])} before |"
-                    for k, v in r["kept"].items()),
+                    + fc(pct(f["kept"][k]["kept"]) if floor else "") for k, v in r["kept"].items()),
                   f"| fidelity (prompts not naming the target) | {pct(d['fidelity'])} | {pct(r['fidelity'])} | "
-                  f"{pct(res['base_fidelity'])} |",
-                  f"| wall time | {d['wall_s']:.0f} s | {r['wall_s']:.0f} s ({r['wall_s'] / d['wall_s']:.2f}x) | |"]
+                  f"{pct(res['base_fidelity'])} |" + fc(pct(f["fidelity"]) if floor else ""),
+                  f"| wall time | {d['wall_s']:.0f} s | {r['wall_s']:.0f} s ({r['wall_s'] / d['wall_s']:.2f}x) | |"
+                  + fc("")]
     return "\n".join(lines)
 
 
