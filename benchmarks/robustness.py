@@ -93,35 +93,33 @@ def fidelity(pipe, spec, world, n: int, seed: int) -> float:
     return world.judge().fidelity(imgs, [lab for _, lab in rows])
 
 
+def group_rate(pipe, group, seed: int, cfg, judge) -> float:
+    """The concept rate of one evaluation group's prompts drawn by `pipe` (the evaluation's seeds)."""
+    from rayablate.sampling import prompt_seed, sample_images
+
+    seeds = [prompt_seed(seed, i) for i in range(len(group.prompts))]
+    return judge.concept_rate(sample_images(pipe, group.prompts, seeds, cfg.eval_steps, cfg.guidance_scale),
+                              group.concept)
+
+
 def kept_rates(base, edited, cfg, world, n: int, seed: int, cache: dict) -> dict:
     """after/before concept rate of the anchor and every neighbour on n images each (more than the
     job's evaluation: at 32 images one image is 3 points, the size of the issue's tolerance)."""
-    from rayablate.sampling import prompt_seed, sample_images
-
     judge, out = world.judge(), {}
     for g in world.eval_groups(cfg.concept, n, seed):
         if g.name != "anchor" and not g.name.startswith("neighbours."):
             continue
-        seeds = [prompt_seed(seed, i) for i in range(len(g.prompts))]
         if g.name not in cache:
-            cache[g.name] = judge.concept_rate(sample_images(base, g.prompts, seeds, cfg.eval_steps,
-                                                             cfg.guidance_scale), g.concept)
-        after = judge.concept_rate(sample_images(edited, g.prompts, seeds, cfg.eval_steps, cfg.guidance_scale),
-                                   g.concept)
+            cache[g.name] = group_rate(base, g, seed, cfg, judge)
+        after = group_rate(edited, g, seed, cfg, judge)
         out[g.name] = {"before": cache[g.name], "after": after, "kept": after / max(cache[g.name], 1e-9)}
     return out
 
 
 def paraphrase_rate(pipe, cfg, world, n: int) -> float | None:
     """The held-out paraphrase's rate on `pipe`, with the job evaluation's prompts and seeds."""
-    from rayablate.sampling import prompt_seed, sample_images
-
-    for g in world.eval_groups(cfg.concept, n, cfg.eval_seed):
-        if g.name == "paraphrases":
-            imgs = sample_images(pipe, g.prompts, [prompt_seed(cfg.eval_seed, i) for i in range(len(g.prompts))],
-                                 cfg.eval_steps, cfg.guidance_scale)
-            return world.judge().concept_rate(imgs, g.concept)
-    return None
+    g = next((g for g in world.eval_groups(cfg.concept, n, cfg.eval_seed) if g.name == "paraphrases"), None)
+    return None if g is None else group_rate(pipe, g, cfg.eval_seed, cfg, world.judge())
 
 
 def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: bool = False,
@@ -252,28 +250,29 @@ def markdown(results: dict) -> str:
     lines = []
     for name, res in results.items():
         d, r, f = res["default"], res["robust"], res.get("retrained")
-        floor = d.get("retrained_plain") is not None and f is not None
-        lines += [f"\n**{name}**\n", "| | default | robust | base model |" + (" retrained without it |" if floor else ""),
-                  "|---|---|---|---|" + ("---|" if floor else ""),
-                  f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |" + (f" {pct(d['retrained_plain'])} |"
-                                                                                   if floor else ""),
+
+        def cell(value=lambda: "") -> str:  # the floor model's last cell (`value` is read only when there is one)
+            return f" {value()} |" if f is not None else ""
+
+        lines += [f"\n**{name}**\n", "| | default | robust | base model |" + cell(lambda: "retrained without it"),
+                  "|---|---|---|---|" + ("---|" if f is not None else ""),
+                  f"| plain word | {pct(d['plain'])} | {pct(r['plain'])} | |" + cell(lambda: pct(d["retrained_plain"])),
                   f"| held-out paraphrase | {pct(d['paraphrase'])} | {pct(r['paraphrase'])} | |"
-                  + (f" {pct(f['paraphrase'])} |" if floor else "")]
+                  + cell(lambda: pct(f["paraphrase"]))]
         for a, b in zip(d["attacks"], r["attacks"]):
             lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |"
-                         + (f" {pct(a.get('retrained_rate'))} |" if floor else ""))
-        fc = (lambda v: f" {v} |") if floor else (lambda v: "")  # noqa: E731  the floor model's cell, if any
+                         + cell(lambda: pct(a.get("retrained_rate"))))
         lines += [f"| preservation (min after/before, the job's 32 images) | {pct(d['preservation'])} | "
-                  f"{pct(r['preservation'])} | |" + fc(""),
+                  f"{pct(r['preservation'])} | |" + cell(),
                   f"| preservation (min after/before, {len(r['kept'])} groups of "
                   f"{res['kept_images']} images) | {pct(d['preservation_large'])} | {pct(r['preservation_large'])} | |"
-                  + fc(pct(min(k["kept"] for k in f["kept"].values())) if floor else ""),
+                  + cell(lambda: pct(min(k["kept"] for k in f["kept"].values()))),
                   *(f"| kept: {k} | {pct(d['kept'][k]['kept'])} | {pct(v['kept'])} | {pct(v['before'])} before |"
-                    + fc(pct(f["kept"][k]["kept"]) if floor else "") for k, v in r["kept"].items()),
+                    + cell(lambda: pct(f["kept"][k]["kept"])) for k, v in r["kept"].items()),
                   f"| fidelity (prompts not naming the target) | {pct(d['fidelity'])} | {pct(r['fidelity'])} | "
-                  f"{pct(res['base_fidelity'])} |" + fc(pct(f["fidelity"]) if floor else ""),
+                  f"{pct(res['base_fidelity'])} |" + cell(lambda: pct(f["fidelity"])),
                   f"| wall time | {d['wall_s']:.0f} s | {r['wall_s']:.0f} s ({r['wall_s'] / d['wall_s']:.2f}x) | |"
-                  + fc("")]
+                  + cell()]
     return "\n".join(lines)
 
 
