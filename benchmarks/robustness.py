@@ -5,10 +5,12 @@
     python benchmarks/robustness.py --concepts blix_v2   # world v2: blix, whose neighbours wear its hat
     python benchmarks/robustness.py --concepts blix_v2 \
         --retrained blix_v2=runs/pretrain_toy_v2_no-blix/bundle/sd   # + the floor: a model without blix
+    python benchmarks/robustness.py --concepts wavy_v2 \
+        --retrained wavy_v2=runs/pretrain_toy_v2_no-wavy/bundle/sd   # a style: nothing kept composes it
 
 For each concept (world v1: the default style `striped` and `configs/instance_zorb.yaml`; world
 v2: `configs/instance_blix_v2.yaml` and `configs/instance_zorb_v2.yaml`, entangled characters whose
-held-out paraphrase is a description) it runs the default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
+held-out paraphrase is a description, and `configs/style_wavy_v2.yaml`, a style no kept concept carries) it runs the default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
 process with its own local Ray, timed; all jobs first, one after the other), then attacks both
 deltas with the same attacks (concept inversions of 4 vectors, 600 steps at batch 32, lr 1e-2,
 from the anchor word on t in [400, 1000), from the target word, and random on t in [0, 1000);
@@ -44,10 +46,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONCEPTS = {"striped": None, "zorb": "configs/instance_zorb.yaml",
-            "blix_v2": "configs/instance_blix_v2.yaml", "zorb_v2": "configs/instance_zorb_v2.yaml"}
+            "blix_v2": "configs/instance_blix_v2.yaml", "zorb_v2": "configs/instance_zorb_v2.yaml",
+            "wavy_v2": "configs/style_wavy_v2.yaml"}
 # The v2 configs set `steps: 100` (their default runs were measured there), which would also hold
 # the robust job below robust mode's own 200 steps: the robust job gets them back on its command line.
-ROBUST_STEPS = {"blix_v2": 200, "zorb_v2": 200}
+ROBUST_STEPS = {"blix_v2": 200, "zorb_v2": 200, "wavy_v2": 200}
 
 
 def world_of(cfg):
