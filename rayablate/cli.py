@@ -366,7 +366,8 @@ def _tune(argv) -> int:
         "config; ASHA stops poor trials after the first rung. Searches clip_threshold, margin, lr_matcher,\n"
         "lr_disc, w_con, w_adv, w_reg, w_pres (and w_robust, robust_lr with --robust).\n"
         "Objective = ablation x preservation - kid_weight x KID; with an attack (--attack-steps, on by\n"
-        "default with --robust) ablation = 1 - max(target rate, rate under a concept inversion).\n"
+        "default with --robust) ablation = 1 - max(target rate, rate under a concept inversion); with\n"
+        "--retrained-model only the rate above that model's under the same attack counts.\n"
         "Then trains the default and the best config to the end and evaluates both on a held-out seed.\n\n"
         "  python jobs/tune.py --num-samples 8\n"
         "  python jobs/tune.py --param lr_matcher=loguniform:1e-4:1e-2 --param w_adv=choice:0,0.02\n"
@@ -395,6 +396,10 @@ def _tune(argv) -> int:
     ap.add_argument("--attack-steps", type=int, default=None,
                     help="attack every trial's model with a concept inversion of this many steps and put the "
                          "attacked rate in the objective (0: no attack; default: 100 with --robust, else 0)")
+    ap.add_argument("--retrained-model", metavar="SD",
+                    help="a model trained without the concept (toy worlds: jobs/pretrain_toy.py --exclude): the "
+                         "trials' attack runs on it once, and only what a trial's attack brings back above that "
+                         "floor counts against it (needs an attack)")
     ap.add_argument("--user-data", help="extra image-text pairs (as for train)")
     args = ap.parse_args(argv)
 
@@ -408,7 +413,8 @@ def _tune(argv) -> int:
                                 rungs=args.rungs or [], trial_eval_images=args.trial_eval_images,
                                 kid_weight=args.kid_weight, search_seed=args.search_seed,
                                 heldout_seed=args.heldout_seed, trial_workers=args.trial_workers,
-                                scheduler=args.scheduler, final=not args.no_final, attack_steps=args.attack_steps)
+                                scheduler=args.scheduler, final=not args.no_final, attack_steps=args.attack_steps,
+                                retrained_model=args.retrained_model)
         out = args.output_dir or os.path.join("outputs", "tune-" + concept_name(cfg.concept))
         tune_ablation(cfg, space, settings, out, user_data=args.user_data)
         from .console import is_verbose, say

@@ -2,6 +2,7 @@
 trial does not stop the others, and best_config.yaml is a config jobs/train.py accepts."""
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from rayablate.config import AblationConfig, ConfigError, load_config
 from rayablate.job import shutdown_ray
 from rayablate.tune import (SEARCHABLE, TuneSettings, apply_params, default_space, load_space, objective_parts,
                             parse_flag, parse_param)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,spec,field", [
@@ -96,6 +99,53 @@ def test_objective_multiplies_ablation_and_preservation_and_subtracts_kid():
     assert hit["ablation"] == pytest.approx(0.4) and hit["attacked_rate"] == 0.6
     assert hit["objective"] == pytest.approx(0.4 * 0.75 - 0.01)
     assert objective_parts(m, attacked_rate=0.05)["ablation"] == pytest.approx(0.9)  # the word is worse
+
+
+def test_with_a_floor_only_the_attacked_rate_above_it_counts():
+    """A retrained model's rate under the same attack is the floor: 0.6 attacked over a 0.5 floor is a
+    leak of (0.6 - 0.5) / (1 - 0.5) = 0.2; at or under the floor nothing leaks; a floor of 1 (a concept
+    the kept ones compose) leaves only the plain word; no floor is the raw rate, as before."""
+    m = {"target": {"concept_rate_before": 1.0, "concept_rate_after": 0.1},
+         "anchor": {"concept_rate_before": 1.0, "concept_rate_after": 1.0}}
+    p = objective_parts(m, attacked_rate=0.6, floor_rate=0.5)
+    assert p["attack_leak"] == pytest.approx(0.2) and p["ablation"] == pytest.approx(0.8)
+    assert p["attacked_rate"] == 0.6 and p["floor_rate"] == 0.5
+    assert objective_parts(m, attacked_rate=0.9, floor_rate=0.0)["ablation"] == pytest.approx(0.1)
+    assert objective_parts(m, attacked_rate=0.3, floor_rate=0.5)["ablation"] == pytest.approx(0.9)  # the word
+    assert objective_parts(m, attacked_rate=1.0, floor_rate=1.0)["ablation"] == pytest.approx(0.9)
+    assert objective_parts(m, attacked_rate=0.6)["ablation"] == pytest.approx(0.4)
+
+
+def test_settings_refuse_a_floor_without_an_attack_or_a_model(tmp_path):
+    cfg = AblationConfig(steps=10)
+    with pytest.raises(ConfigError, match="retrained_model.*none"):
+        TuneSettings(retrained_model=str(tmp_path)).check(cfg)  # no attack in a plain search
+    with pytest.raises(ConfigError, match="retrained_model"):
+        TuneSettings(attack_steps=5, retrained_model=str(tmp_path / "nowhere")).check(cfg)
+
+
+@pytest.mark.slow
+def test_the_trials_attack_measures_its_floor_on_the_retrained_model():
+    """`--retrained-model`: the search's attack runs once on the base model and once on the model
+    trained without the concept. The world v1 bundle never drew a hat, so the same inversion brings
+    world v2's blix back from it less often than from v2 (the attack test's model pair); that rate
+    becomes the floor every trial's objective reads (its summary and report name it)."""
+    from rayablate.job import resolve_models
+    from rayablate.toyworld import BUNDLE_DIRS
+    from rayablate.tune.report import report_markdown
+    from rayablate.tune.search import ATTACK_SUMMARY, _base_attack, _floor
+
+    cfg = load_config(ROOT / "configs" / "instance_blix_v2.yaml")
+    cfg.eval_steps = 10
+    retrained = str(BUNDLE_DIRS["v1"] / "sd")
+    settings = TuneSettings(attack_steps=60, trial_eval_images=8, retrained_model=retrained)
+    settings.check(cfg)
+    attack = _base_attack(cfg, resolve_models(cfg), settings)
+    assert attack["attack_ok"] and attack["floor_rate"] < attack["base_rate"]
+    assert _floor({"attack": attack}) == attack["floor_rate"] and attack["retrained_model"] == retrained
+    summary = {"concept": "blix", "kid_weight": 1.0, "rungs": [2], "num_trials": 0, "failed_trials": 0,
+               "attack": {k: attack[k] for k in ATTACK_SUMMARY}}
+    assert f"brings it back in {attack['floor_rate']:.0%} of images" in report_markdown(summary, [], {})
 
 
 @pytest.fixture(scope="module")

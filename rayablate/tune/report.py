@@ -11,7 +11,7 @@ from ..report import fmt, markdown_table, text_table
 from .space import Param
 
 METRIC_COLUMNS = ("objective", "ablation", "preservation", "kid", "target_rate_after", "attacked_rate",
-                  "paraphrase_leakage", "loss")
+                  "attack_leak", "paraphrase_leakage", "loss")
 
 
 def fmt_params(params: dict) -> str:
@@ -90,10 +90,16 @@ def report_markdown(summary: dict, trials: list[dict], space: dict[str, Param]) 
              f"kid_weight = {summary['kid_weight']}; rungs {summary['rungs']} steps; "
              f"{summary['num_trials']} trials, {summary['failed_trials']} failed.", ""]
     if attack:
+        floor = attack.get("floor_rate")
+        formula = ("1 − max(target rate, attacked rate)" if floor is None else
+                   "1 − max(target rate, leak), leak = max(0, attacked rate − floor) / (1 − floor)")
         lines += [f"Every trial was attacked ({attack['label']}, {attack['num_images']} images); ablation = "
-                  "1 − max(target rate, attacked rate). On the base model the attack brings the concept back in "
-                  f"{attack['base_rate']:.0%} of images{'' if attack['attack_ok'] else ' (the attack FAILED there)'}.",
-                  ""]
+                  f"{formula}. On the base model the attack brings the concept back in {attack['base_rate']:.0%} "
+                  f"of images{'' if attack['attack_ok'] else ' (the attack FAILED there)'}.", ""]
+        if floor is not None:
+            lines += [f"The floor: the same attack on `{attack['retrained_model']}`, a model trained without the "
+                      f"concept, brings it back in {floor:.0%} of images; only a trial's attacked rate above that "
+                      "counts" + (" (here none does: the kept concepts compose it)." if floor >= 1.0 else "."), ""]
     if summary.get("final"):
         rows = []
         for label, r in summary["final"].items():

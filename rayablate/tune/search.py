@@ -32,6 +32,7 @@ from .space import Param, apply_params, check_space
 # most often against robust models) on the high-noise timesteps, short enough to run after every rung.
 ATTACK_STEPS = 100
 ATTACK = dict(num_vectors=4, batch_size=16, lr=1e-2, t_min=400, t_max=1000, init="target", num_references=64)
+ATTACK_SUMMARY = ("label", "num_images", "base_rate", "attack_ok", "floor_rate", "retrained_model")
 
 
 @dataclasses.dataclass
@@ -49,6 +50,9 @@ class TuneSettings:
     # a concept inversion of this many steps against every trial's model (0: none; None: ATTACK_STEPS
     # in robust mode, else none); its rate joins the objective (objective.py)
     attack_steps: int | None = None
+    # a model trained without the concept (toy worlds: jobs/pretrain_toy.py --exclude): the attack runs
+    # on it once, and only what a trial's attack brings back above that floor counts (objective.py)
+    retrained_model: str | None = None
 
     def check(self, cfg: AblationConfig) -> None:
         if self.num_samples < 1:
@@ -66,6 +70,17 @@ class TuneSettings:
             raise ConfigError("rungs", f"must be increasing step counts >= 1, got {rungs}")
         if self.attack_steps is not None and self.attack_steps < 0:
             raise ConfigError("attack_steps", f"must be >= 0 (0: no attack), got {self.attack_steps}")
+        if self.retrained_model:
+            if not self.attack(cfg):
+                raise ConfigError("retrained_model", "is the floor of the trials' attack, and this search has none: "
+                                                     "give --attack-steps N (or --robust)")
+            from ..job import check_model
+            from ..pipeline import PipelineLoadError
+
+            try:
+                check_model(self.retrained_model)
+            except PipelineLoadError as e:
+                raise ConfigError("retrained_model", str(e)) from None
         if self.heldout(cfg) == cfg.eval_seed:
             raise ConfigError("heldout_seed", f"must differ from the search's evaluation seed ({cfg.eval_seed})")
 
@@ -103,7 +118,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         run = run_concept(cfg, trial_dir, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=cfg.clip_threshold,
                           run_name="train", cpus_per_worker=ctx["cpus_per_worker"], evaluation="quick",
                           eval_context=ctx["eval"], log=_quiet)
-        parts = objective_parts(run["metrics"], ctx["kid_weight"], _attacked_rate(cfg, run, ctx))
+        parts = objective_parts(run["metrics"], ctx["kid_weight"], _attacked_rate(cfg, run, ctx), _floor(ctx))
         last = run["train"]["metrics"][-1] if run["train"]["metrics"] else {}
         write_json(trial_dir / "progress.json", {"steps": steps, "params": params, **parts})
         tune.report({**parts, "steps": steps, "loss": float(last.get("loss", float("nan"))),
@@ -144,6 +159,11 @@ def _attacked_rate(cfg: AblationConfig, run: dict, ctx: dict) -> float | None:
     group, _ = run_attacks(edited, None, cfg.concept, models.world, plan, scorer, device, _quiet,
                            base_cache=dict(attack["base_cache"]), refs=attack["refs"])
     return group["attacks"][0]["concept_rate"]
+
+
+def _floor(ctx: dict) -> float | None:
+    """The trials' attack's rate on the model retrained without the concept (None: not given)."""
+    return (ctx.get("attack") or {}).get("floor_rate")
 
 
 def _resources(cfg: AblationConfig, settings: TuneSettings) -> tuple[int, float]:
@@ -201,7 +221,7 @@ def tune_ablation(cfg: AblationConfig, space: dict[str, Param], settings: TuneSe
                "cpus_per_worker": cpus_per_worker, "kid_weight": settings.kid_weight,
                "search_seed_eval": cfg.eval_seed, "best_search": _public(best),
                "default_search": _public(default) if default else None,
-               "attack": {k: attack[k] for k in ("label", "num_images", "base_rate", "attack_ok")} if attack else None}
+               "attack": {k: attack[k] for k in ATTACK_SUMMARY if k in attack} if attack else None}
     if settings.final:
         summary.update(_final_comparison(cfg, best_cfg, best, default, ctx, out, settings))
     summary["wall_seconds"] = time.time() - t0
@@ -245,7 +265,7 @@ def _shared_inputs(cfg: AblationConfig, models, out: Path, settings: TuneSetting
 
 def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | None:
     """The trials' attack, prepared once: its reference images, and its run on the base model (the
-    sanity check every trial's rate is read against)."""
+    sanity check every trial's rate is read against) and on the retrained model when given (the floor)."""
     steps = settings.attack(cfg)
     if not steps:
         return None
@@ -258,11 +278,18 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     base = load_pipeline(models.model_path, device=device)
     refs = reference_set(plan, base, cfg.concept, models.world, device)
     cache: dict = {}
-    group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs)
+    retrained = load_pipeline(settings.retrained_model, device=device) if settings.retrained_model else None
+    group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs,
+                           retrained_pipe=retrained)
     a = group["attacks"][0]
     say(f"[tune]     base model under the attack: concept in {a['concept_rate']:.0%} of images")
-    return {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
-            "label": a["label"], "base_rate": a["base_rate"], "attack_ok": a["attack_ok"]}
+    out = {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
+           "label": a["label"], "base_rate": a["base_rate"], "attack_ok": a["attack_ok"]}
+    if retrained is not None:
+        say(f"[tune]     model retrained without the concept under the attack: concept in "
+            f"{a['retrained_rate']:.0%} of images (the floor: only a trial's rate above it counts)")
+        out.update(floor_rate=a["retrained_rate"], retrained_model=str(settings.retrained_model))
+    return out
 
 
 def _tuner(space: dict[str, Param], settings: TuneSettings, ctx: dict, k: int, default_point: dict):
@@ -380,7 +407,7 @@ def _final_eval(label: str, cfg: AblationConfig, trial: dict, ctx: dict, out: Pa
     dest = out / "final" / label
     run = run_concept(c, dest, ctx["models"], data_dir=ctx["data_dir"], clip_threshold=c.clip_threshold,
                       run_name="train", cpus_per_worker=ctx["cpus_per_worker"], log=_quiet)
-    parts = objective_parts(run["metrics"], settings.kid_weight, _attacked_rate(c, run, ctx))
+    parts = objective_parts(run["metrics"], settings.kid_weight, _attacked_rate(c, run, ctx), _floor(ctx))
     attacked = "" if "attacked_rate" not in parts else f", attacked {parts['attacked_rate']:.3f}"
     say(f"[tune]     {label}: objective {parts['objective']:.3f} (ablation {parts['ablation']:.3f}, "
           f"preservation {parts['preservation']:.3f}, kid {parts['kid']:.4f}{attacked})")
