@@ -333,9 +333,8 @@ def _attack(argv) -> int:
 
     def run():
         from .attack import folder_references, plan_from_args
-        from .config import ConfigError
         from .job import _model_resolution, check_model, resolve_models
-        from .pipeline import PipelineLoadError, check_delta_fits
+        from .pipeline import check_delta_fits
 
         cfg = config_from_args(args)
         plan = plan_from_args(args, cfg)
@@ -346,10 +345,7 @@ def _attack(argv) -> int:
             folder_references(plan.references, (size, size))
         for field, path in (("--base-model", args.base_model), ("--retrained-model", args.retrained_model)):
             if path:
-                try:
-                    check_model(path)
-                except PipelineLoadError as e:
-                    raise ConfigError(field, str(e)) from None
+                check_model(path, field)
         if args.delta:
             check_delta_fits(args.delta, models.model_path)
         out = Path(args.output_dir or "outputs/attack")

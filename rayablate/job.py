@@ -71,10 +71,22 @@ WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_model(model_path: str) -> None:
+def check_model(model_path: str, field: str | None = None) -> None:
     """A local model folder must be a diffusers pipeline whose weights are safetensors: pickled
     weights (.bin, .ckpt, ...) are refused, since loading them can run code. Hub ids pass (they are
-    resolved, safetensors only, when the pipeline loads)."""
+    resolved, safetensors only, when the pipeline loads). With `field` (a second model a flag or
+    setting names: `--base-model`, `retrained_model`) the refusal is a ConfigError naming it."""
+    from .pipeline import PipelineLoadError
+
+    try:
+        _check_model(model_path)
+    except PipelineLoadError as e:
+        if field is None:
+            raise
+        raise ConfigError(field, str(e)) from None
+
+
+def _check_model(model_path: str) -> None:
     from .pipeline import PipelineLoadError, looks_like_path
 
     if not looks_like_path(model_path):

@@ -75,12 +75,8 @@ class TuneSettings:
                 raise ConfigError("retrained_model", "is the floor of the trials' attack, and this search has none: "
                                                      "give --attack-steps N (or --robust)")
             from ..job import check_model
-            from ..pipeline import PipelineLoadError
 
-            try:
-                check_model(self.retrained_model)
-            except PipelineLoadError as e:
-                raise ConfigError("retrained_model", str(e)) from None
+            check_model(self.retrained_model, "retrained_model")
         if self.heldout(cfg) == cfg.eval_seed:
             raise ConfigError("heldout_seed", f"must differ from the search's evaluation seed ({cfg.eval_seed})")
 
@@ -288,7 +284,7 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     if retrained is not None:
         say(f"[tune]     model retrained without the concept under the attack: concept in "
             f"{a['retrained_rate']:.0%} of images (the floor: only a trial's rate above it counts)")
-        out.update(floor_rate=a["retrained_rate"], retrained_model=str(settings.retrained_model))
+        out.update(floor_rate=a["retrained_rate"], retrained_model=settings.retrained_model)
     return out
 
 
