@@ -263,7 +263,11 @@ class AttackJudge:
 
 def candidate_tokens(pipe, spec, world, n: int) -> list[str]:
     """Whole-word vocabulary tokens nearest the target word in the text encoder's embedding space,
-    without the concept's own words (the plain word and its paraphrases are measured on their own)."""
+    without the concept's own words (the plain word and its paraphrases are measured on their own).
+    Only tokens a user can type: the word, tokenized alone, must give that token back. A byte-level
+    BPE's single-byte tokens re-tokenize as other tokens (their text is a stand-in character for one
+    byte) and CLIP's tokenizer lowercases ("C" is "c"): without the check the search tried texts that
+    were not the tokens it chose, some of them twice, and the grid drew the stand-ins as boxes."""
     from .pipeline import text_encoders
 
     tok = pipe.tokenizer
@@ -280,8 +284,14 @@ def candidate_tokens(pipe, spec, world, n: int) -> list[str]:
             words.append((word, i))
     ids = torch.tensor([i for _, i in words])
     sims = torch.nn.functional.cosine_similarity(emb[ids], target.unsqueeze(0), dim=-1)
-    order = sims.argsort(descending=True)[:n].tolist()
-    return [words[k][0] for k in order]
+    out = []
+    for k in sims.argsort(descending=True).tolist():
+        word, i = words[k]
+        if tok(word, add_special_tokens=False).input_ids == [i]:
+            out.append(word)
+            if len(out) == n:
+                break
+    return out
 
 
 def _target_vector(tok, emb, word: str) -> torch.Tensor:

@@ -66,6 +66,19 @@ def test_inversion_brings_the_concept_back_on_the_base_model(toy_pipe):
     assert _attacked_rate(toy_pipe, ZORB, SMALL) >= 0.8
 
 
+def test_prompt_search_candidates_are_tokens_a_user_can_type(toy_pipe):
+    """Each candidate, typed alone, tokenizes to one token, a different one for each candidate, and
+    none is the concept's own word. The toy vocabulary's 512 byte-level tokens and its upper-case
+    letters (CLIP lowercases) fail that test; the 32 nearest alphabetic tokens include both."""
+    tok = toy_pipe.tokenizer
+    cands = A.candidate_tokens(toy_pipe, ZORB, ToyWorld(), 32)
+    assert len(cands) == 32
+    ids = [tok(w, add_special_tokens=False).input_ids for w in cands]
+    assert all(len(i) == 1 for i in ids), [(w, i) for w, i in zip(cands, ids) if len(i) != 1]
+    assert len({i[0] for i in ids}) == 32
+    assert "zorb" not in {w.lower() for w in cands}
+
+
 def test_adversarial_caption_puts_the_tokens_where_the_concept_was():
     from rayablate.robust import adversarial_caption
 
