@@ -14,6 +14,10 @@ By default (`--verbose` off):
   own process (`cli.script`: file descriptor 2 goes to the log, `sys.stderr` keeps the console); each
   training worker writes its own lines to `<output-dir>/logs/rank<r>.log` when it can reach the
   folder (always on one machine). Ray keeps its full worker logs in its session folder.
+- Ray's warning that more worker processes have started than the node has CPUs (a Tune search with
+  a few trials starts a dozen: trial, controller, training and sampler processes) is pushed to
+  the driver, which prints it whatever `log_to_driver` says; quiet mode sends it to job.log too.
+  Every other message Ray pushes there (an actor's death, memory pressure) stays on the console.
 
 `--verbose` keeps the everything-on-the-console behaviour (workers' output forwarded, library
 warnings shown). Workers learn the mode from RAYABLATE_VERBOSE, which the driver sets before Ray starts.
@@ -32,7 +36,9 @@ from pathlib import Path
 ENV = "RAYABLATE_VERBOSE"
 LOG_DIR = "logs"
 _LIBRARY_LOGGERS = ("ray", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torch", "py.warnings")
-_state = {"file": None, "native": False, "stderr": None}
+_state = {"file": None, "native": False, "stderr": None, "ray_print": None}
+# the start of Ray's worker-pool size warning (raylet worker_pool.cc), pushed to every driver
+RAY_POOL_WARNING = "PYTHON worker processes have been started on node"
 
 
 def is_verbose() -> bool:
@@ -74,6 +80,7 @@ def session(verbose: bool):
                 setattr(ctx, f, v)
             logging.captureWarnings(False)
             _native_stderr_back()
+            _ray_pool_warning_back()
             if _state["file"] is not None:
                 _state["file"].close()
                 _state["file"] = None
@@ -94,6 +101,7 @@ def _setup(verbose: bool, ctx) -> None:
         return
     os.environ["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).with_name("ray_data_logging.yaml"))
     quiet_libraries()
+    _ray_pool_warning_to_log()
     try:
         from ray.data._internal.logging import configure_logging
 
@@ -105,6 +113,39 @@ def _setup(verbose: bool, ctx) -> None:
         for f in ("enable_operator_progress_bars", "print_on_execution_start", "enable_auto_log_stats"):
             if hasattr(ctx, f):
                 setattr(ctx, f, False)
+
+
+def _ray_pool_warning_to_log() -> None:
+    """Ray's driver prints what the cluster pushes to it (`ray._private.worker.listen_error_messages`
+    calls the module's `print_to_stdstream`); the worker-pool size warning goes to job.log instead.
+    Another Ray version without that function keeps its output."""
+    try:
+        from ray._private import worker as ray_worker
+    except Exception:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or _state["ray_print"] is not None:
+        return
+
+    def print_unless_pool_warning(data, *args, **kwargs):
+        lines = data.get("lines") if isinstance(data, dict) else None
+        if lines and data.get("pid") == "raylet" and all(RAY_POOL_WARNING in str(line) for line in lines):
+            for line in lines:
+                say_file(f"(raylet) {line}")
+            return None
+        return original(data, *args, **kwargs)
+
+    _state["ray_print"] = original
+    ray_worker.print_to_stdstream = print_unless_pool_warning
+
+
+def _ray_pool_warning_back() -> None:
+    if _state["ray_print"] is None:
+        return
+    from ray._private import worker as ray_worker
+
+    ray_worker.print_to_stdstream = _state["ray_print"]
+    _state["ray_print"] = None
 
 
 def quiet_libraries() -> None:

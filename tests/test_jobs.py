@@ -109,6 +109,31 @@ def test_a_quiet_job_process_sends_native_stderr_to_its_log_and_keeps_pythons_on
     assert "native" not in (tmp_path / "a" / "logs" / "job.log").read_text()
 
 
+def test_a_quiet_job_logs_rays_worker_pool_warning_and_shows_every_other_pushed_message(tmp_path):
+    """Ray's driver prints what the cluster pushes to it through `ray._private.worker.print_to_stdstream`
+    (its error listener looks the function up on every message), whatever `log_to_driver` says. In quiet
+    mode the worker-pool size warning (a Tune search's many trial processes raise it) goes to
+    logs/job.log; any other pushed message (an actor's death) is still printed; the session's end
+    restores Ray's function, and verbose mode prints both."""
+    pool = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4, "
+            "which is 4x the maximum expected startup concurrency (2).")
+    code = ("import sys; sys.path.insert(0, '.'); from rayablate import console\n"
+            "from ray._private import worker as w\n"
+            "def push(text):\n"
+            "    w.print_to_stdstream({'lines': [text], 'pid': 'raylet', 'is_err': False}, ignore_prefix=False)\n"
+            "    sys.stdout.flush()\n"
+            "original = w.print_to_stdstream\n"
+            f"with console.session(False):\n    console.log_to({str(tmp_path)!r}); push({pool!r}); push('actor died')\n"
+            "print('restored', w.print_to_stdstream is original, flush=True)\n"
+            f"with console.session(True):\n    push({pool!r})\n")
+    lines = _fresh_python(code)
+    shown = [line for line in lines if "raylet" in line or line.startswith("restored")]
+    assert len(shown) == 3 and "actor died" in shown[0] and shown[1] == "restored True", lines
+    assert "4x the maximum expected startup concurrency" in shown[2]
+    log = (tmp_path / "logs" / "job.log").read_text()
+    assert "(raylet) WARNING: 8 PYTHON worker processes" in log and "actor died" not in log
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--model", "/definitely/not/here"], "model path does not exist"),
     (["--lr-matcher", "0"], "lr_matcher"),
