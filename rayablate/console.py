@@ -16,8 +16,8 @@ By default (`--verbose` off):
   folder (always on one machine). Ray keeps its full worker logs in its session folder.
 - Ray's warning that more worker processes have started than the node has CPUs (a Tune search with
   a few trials starts a dozen: trial, controller, training and sampler processes) is pushed to
-  the driver, which prints it whatever `log_to_driver` says; quiet mode sends it to job.log too.
-  Every other message Ray pushes there (an actor's death, memory pressure) stays on the console.
+  the driver, which prints it whatever `log_to_driver` says; quiet mode sends it to job.log
+  instead. Every other message Ray pushes there (an actor's death, for one) stays on the console.
 
 `--verbose` keeps the everything-on-the-console behaviour (workers' output forwarded, library
 warnings shown). Workers learn the mode from RAYABLATE_VERBOSE, which the driver sets before Ray starts.
