@@ -2,6 +2,7 @@
 
     python benchmarks/robustness.py                 # both default concepts, the full attack suite
     python benchmarks/robustness.py --quick         # a smaller attack budget (a smoke run)
+    python benchmarks/robustness.py --attack-seeds 0,1,2   # every inversion from 3 seeds: its spread (3x the attacks' time)
     python benchmarks/robustness.py --concepts blix_v2   # world v2: blix, whose neighbours wear its hat
     python benchmarks/robustness.py --concepts blix_v2 \
         --retrained blix_v2=runs/pretrain_toy_v2_no-blix/bundle/sd   # + the floor: a model without blix
@@ -64,14 +65,17 @@ def world_of(cfg):
     return world_for(cfg.model), str(found[1] / "sd")
 
 
-def suite(quick: bool):
+def suite(quick: bool, seeds: list[int] = (0,)):
+    """The attacks: each inversion once per inversion seed (`--attack-seeds`)."""
     from rayablate.attack import InversionSettings, PromptSearchSettings
 
     if quick:
-        return [InversionSettings(steps=100, num_references=128)], PromptSearchSettings(length=1, candidates=8)
+        return ([InversionSettings(steps=100, num_references=128, seed=s) for s in seeds],
+                PromptSearchSettings(length=1, candidates=8))
     strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_min=400, t_max=1000)
-    return ([InversionSettings(**strong, init="anchor"), InversionSettings(**strong, init="target"),
-             InversionSettings(**{**strong, "t_min": 0}, init="random")],
+    return ([InversionSettings(**strong, init="anchor", seed=s) for s in seeds]
+            + [InversionSettings(**strong, init="target", seed=s) for s in seeds]
+            + [InversionSettings(**{**strong, "t_min": 0}, init="random", seed=s) for s in seeds],
             PromptSearchSettings(length=2, candidates=32))
 
 
@@ -170,6 +174,8 @@ def main() -> int:
     ap.add_argument("--concepts", default="striped,zorb",
                     help=f"comma-separated, of: {', '.join(CONCEPTS)} (the _v2 ones on toy world v2)")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
+    ap.add_argument("--attack-seeds", default="0",
+                    help="inversion seeds, comma-separated: each inversion runs once per seed (0,1,2: the spread)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
     ap.add_argument("--kept-images", type=int, default=96,
                     help="images per anchor / neighbour group of the larger preservation measurement")
@@ -190,6 +196,13 @@ def main() -> int:
     missing = [sd for sd in retrained_sd.values() if not Path(sd, "model_index.json").exists()]
     if missing:
         ap.error(f"--retrained: not a diffusers folder: {', '.join(missing)}")
+    from rayablate.attack import parse_attack_seeds
+    from rayablate.config import ConfigError
+
+    try:
+        seeds = parse_attack_seeds(args.attack_seeds)
+    except ConfigError as e:
+        ap.error(str(e))
 
     import torch
 
@@ -201,7 +214,7 @@ def main() -> int:
     out_root = Path(args.output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robustness] {msg}", flush=True)  # noqa: E731
-    inversions, prompt = suite(args.quick)
+    inversions, prompt = suite(args.quick, seeds)
     results: dict = {}
     walls: dict = {}
     for name in names:  # the jobs first, all in a row: their wall times are measured alike

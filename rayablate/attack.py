@@ -66,10 +66,13 @@ class InversionSettings:
             raise ConfigError(f"{prefix}.t_min", f"need 0 <= t_min < t_max <= 1000, got [{self.t_min}, {self.t_max})")
         if self.init not in INITS:
             raise ConfigError(f"{prefix}.init", f"must be one of {', '.join(INITS)}, not {self.init!r}")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed", f"must be >= 0, not {self.seed}")
 
     def label(self) -> str:
+        # seed 0 is left out, so labels (and reports that match on them) read as before seeds were a flag
         return (f"inversion {self.num_vectors}v {self.steps} steps bs{self.batch_size} lr{self.lr:g} "
-                f"t[{self.t_min},{self.t_max}) init {self.init}")
+                f"t[{self.t_min},{self.t_max}) init {self.init}" + (f" seed {self.seed}" if self.seed else ""))
 
 
 @dataclasses.dataclass
@@ -525,6 +528,18 @@ def write_outputs(out: Path, group: dict, rows: list[tuple[str, np.ndarray]]) ->
     write_text(rpath, report + robustness_markdown(group))
 
 
+def parse_attack_seeds(text: str) -> list[int]:
+    """--attack-seeds: distinct integers >= 0, comma-separated."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        raise ConfigError("--attack-seeds", f"must be integers >= 0, comma-separated, not {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError("--attack-seeds", f"must be distinct integers >= 0, comma-separated, not {text!r}")
+    return seeds
+
+
 def plan_from_args(args, cfg) -> AttackPlan:
     """The attack plan of `rayablate attack` / `train --attack` flags (see cli.add_attack_flags)."""
     kinds = [k.strip() for k in args.attacks.split(",") if k.strip()]
@@ -532,10 +547,11 @@ def plan_from_args(args, cfg) -> AttackPlan:
     if bad or not kinds:
         raise ConfigError("--attacks", f"unknown attack {bad or kinds!r}; allowed: {', '.join(KINDS)}")
     inits = [i.strip() for i in args.init.split(",") if i.strip()]
+    seeds = parse_attack_seeds(args.attack_seeds)
     inversions = [InversionSettings(num_vectors=args.num_vectors, steps=args.attack_steps,
                                     batch_size=args.attack_batch_size, lr=args.attack_lr, t_min=args.t_min,
-                                    t_max=args.t_max, init=i, num_references=args.num_references)
-                  for i in inits] if "inversion" in kinds else []
+                                    t_max=args.t_max, init=i, num_references=args.num_references, seed=seed)
+                  for i in inits for seed in seeds] if "inversion" in kinds else []
     prompt = (PromptSearchSettings(length=args.prompt_length, candidates=args.prompt_candidates)
               if "prompt" in kinds else None)
     plan = AttackPlan(inversions=inversions, prompt=prompt, num_images=args.attack_images or cfg.eval_images,

@@ -121,6 +121,9 @@ def add_attack_flags(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--t-max", type=int, default=1000, help="... to (exclusive)")
     g.add_argument("--init", default="anchor", help="init of the new tokens: anchor, target or random; a "
                                                    "comma-separated list runs one inversion per init")
+    g.add_argument("--attack-seeds", default="0",
+                   help="inversion seeds (the new tokens' random start, the timesteps and noise it trains on), "
+                        "comma-separated: each init runs once per seed, so '0,1,2' shows one attack's spread")
     g.add_argument("--num-references", type=int, default=256, help="reference images (renders or base-model images)")
     g.add_argument("--references", help="a folder of your images of the concept, at the pipeline's resolution")
     g.add_argument("--prompt-length", type=int, default=2, help="tokens the prompt search inserts")

@@ -152,6 +152,36 @@ def test_per_concept_attacker_keeps_one_set_per_concept_and_resumes_exactly(toy_
     assert other.row_keys(batch, idx) == [cfg.concept.target] * 3
 
 
+def test_attack_seeds_run_each_init_once_per_seed_and_each_seed_is_its_own_optimisation(toy_pipe):
+    """`--attack-seeds 0,2 --init anchor,target`: four inversions, labelled apart (seed 0's label as
+    before); the same seed repeats an inversion exactly, another seed trains on other timesteps and
+    noise from the same anchor-word start, so it ends elsewhere."""
+    import argparse
+
+    from rayablate.cli import add_attack_flags
+    from rayablate.config import load_config
+
+    ap = argparse.ArgumentParser()
+    add_attack_flags(ap)
+    plan = A.plan_from_args(ap.parse_args(["--attacks", "inversion", "--init", "anchor,target", "--attack-seeds", "0,2"]),
+                            load_config(ROOT / "configs" / "instance_zorb.yaml"))
+    assert [(s.init, s.seed) for s in plan.inversions] == [("anchor", 0), ("anchor", 2), ("target", 0), ("target", 2)]
+    labels = [s.label() for s in plan.inversions]
+    assert len(set(labels)) == 4 and labels[0].endswith("init anchor") and labels[1].endswith("init anchor seed 2")
+    for bad in ("0,x", "-1", "1,1", ""):
+        with pytest.raises(ConfigError, match=r"--attack-seeds: must be"):
+            A.plan_from_args(ap.parse_args(["--attack-seeds", bad]), load_config(ROOT / "configs" / "instance_zorb.yaml"))
+
+    world = ToyWorld()
+    refs = A.toy_references(ZORB, world, 8, 0)
+    tiny = dict(num_vectors=2, steps=3, batch_size=4, num_references=8, init="anchor")
+    words = A.init_words(ZORB, world, "anchor")
+    ends = [torch.cat([v.detach().flatten() for v in A.invert(toy_pipe, refs, A.InversionSettings(**tiny, seed=seed),
+                                                               words)[0].vectors]) for seed in (0, 0, 1)]
+    assert torch.equal(ends[0], ends[1])
+    assert (ends[0] - ends[2]).abs().max() > 1e-6
+
+
 def test_attack_settings_are_checked_with_the_field_named():
     with pytest.raises(ConfigError, match=r"attack\.num_vectors: must be >= 1"):
         A.InversionSettings(num_vectors=0).check()
@@ -159,6 +189,8 @@ def test_attack_settings_are_checked_with_the_field_named():
         A.InversionSettings(t_min=900, t_max=400).check()
     with pytest.raises(ConfigError, match=r"attack\.init: must be one of anchor, target, random"):
         A.InversionSettings(init="word").check()
+    with pytest.raises(ConfigError, match=r"attack\.seed: must be >= 0"):
+        A.InversionSettings(seed=-1).check()
 
 
 @pytest.mark.slow

@@ -244,6 +244,8 @@ CATALOGUE = [
     # attack and robust mode
     ("attack-num-vectors-zero", "attack", flags("--num-vectors", "0"), r"attack\.num_vectors: must be >= 1, not 0"),
     ("attack-unknown-kind", "attack", flags("--attacks", "inversion,jailbreak"), r"--attacks: unknown attack"),
+    ("attack-seeds-not-integers", "attack", flags("--attack-seeds", "0,one"),
+     r"--attack-seeds: must be integers >= 0, comma-separated, not '0,one'"),
     ("attack-references-empty", "attack", lambda tmp: (tmp / "refs").mkdir() or ["--references", str(tmp / "refs")],
      r"--references: .*refs holds no images"),
     ("attack-references-wrong-size", "attack", reference_folder(16),
