@@ -72,10 +72,9 @@ def suite(quick: bool, seeds: list[int] = (0,)):
     if quick:
         return ([InversionSettings(steps=100, num_references=128, seed=s) for s in seeds],
                 PromptSearchSettings(length=1, candidates=8))
-    strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_min=400, t_max=1000)
-    return ([InversionSettings(**strong, init="anchor", seed=s) for s in seeds]
-            + [InversionSettings(**strong, init="target", seed=s) for s in seeds]
-            + [InversionSettings(**{**strong, "t_min": 0}, init="random", seed=s) for s in seeds],
+    strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_max=1000)
+    starts = [("anchor", 400), ("target", 400), ("random", 0)]  # (init, t_min)
+    return ([InversionSettings(**strong, init=i, t_min=t, seed=s) for i, t in starts for s in seeds],
             PromptSearchSettings(length=2, candidates=32))
 
 

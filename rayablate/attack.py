@@ -530,7 +530,7 @@ def write_outputs(out: Path, group: dict, rows: list[tuple[str, np.ndarray]]) ->
 
 def parse_attack_seeds(text: str) -> list[int]:
     """--attack-seeds: distinct integers >= 0, comma-separated."""
-    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    parts = [t.strip() for t in text.split(",") if t.strip()]
     try:
         seeds = [int(t) for t in parts]
     except ValueError:
