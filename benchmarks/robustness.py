@@ -19,7 +19,8 @@ and the greedy prompt search), each also run on the base model as the sanity che
 
 - plain: the target word's rate after ablation; paraphrase: the held-out paraphrase's rate (on
   world v2 the description, e.g. "circle with a hat");
-- each attack's rate (and the base model's rate under the same attack);
+- each attack's rate (and the base model's rate under the same attack); with `--attack-seeds`, a row
+  per inversion with its mean over the seeds and its range;
 - preservation: the lowest after/before rate over the anchor and every neighbour, from the job's
   evaluation (32 images a group) and measured again on --kept-images (96) images a group, other
   seeds (at 32 images one image moves a rate by 3 points, the size of the 97 % bar), with each
@@ -259,8 +260,13 @@ def main() -> int:
 
 
 def markdown(results: dict) -> str:
+    from rayablate.attack import inversion_spreads
+
     def pct(v):
         return "–" if v is None else f"{100 * v:.0f} %"
+
+    def spread(s):
+        return f"**{pct(s['mean'])}** ({100 * s['min']:.0f}-{pct(s['max'])})"
 
     lines = []
     for name, res in results.items():
@@ -277,6 +283,11 @@ def markdown(results: dict) -> str:
         for a, b in zip(d["attacks"], r["attacks"]):
             lines.append(f"| {a['label']} | {pct(a['concept_rate'])} | {pct(b['concept_rate'])} | {pct(a['base_rate'])} |"
                          + cell(lambda: pct(a.get("retrained_rate"))))
+        robust_spreads = {s["label"]: s for s in inversion_spreads(r["attacks"])}
+        for s in inversion_spreads(d["attacks"]):  # --attack-seeds: each inversion's mean over its seeds, and range
+            b = robust_spreads[s["label"]]
+            lines.append(f"| {s['label']}: mean over seeds {', '.join(map(str, s['seeds']))} (range) | {spread(s)} | "
+                         f"{spread(b)} | {pct(s['base_mean'])} |" + cell(lambda: pct(s.get("retrained_mean"))))
         lines += [f"| preservation (min after/before, the job's 32 images) | {pct(d['preservation'])} | "
                   f"{pct(r['preservation'])} | |" + cell(),
                   f"| preservation (min after/before, {len(r['kept'])} groups of "

@@ -434,6 +434,7 @@ def run_attacks(pipe, base_pipe, spec, world, plan: AttackPlan, clip_scorer=None
                                              base_cache, rows, retrained_pipe))
     ok = [a["concept_rate"] for a in out["attacks"] if a["attack_ok"]]
     out["max_rate"] = max(ok) if ok else None
+    out["spreads"] = inversion_spreads(out["attacks"])
     out["failed"] = [a["label"] for a in out["attacks"] if not a["attack_ok"]]
     return out, rows
 
@@ -473,6 +474,36 @@ def _prompt_attack(pipe, base_pipe, spec, world, plan, judge, prompts, device, l
     return out
 
 
+def inversion_spreads(attacks: Sequence[dict]) -> list[dict]:
+    """The inversions run from several seeds (`--attack-seeds`), one summary each, in the attacks'
+    order: {"label": the settings' label without the seed, "seeds", "rates" (the edited model's, by
+    seed), "mean", "min", "max", "base_mean", and "retrained_mean" where a floor model was attacked}.
+    An inversion run from one seed has none: one optimisation has no spread to report."""
+    runs: dict[str, list[dict]] = {}
+    for a in attacks:
+        if a["kind"] == "inversion":
+            unseeded = dataclasses.replace(InversionSettings(**a["settings"]), seed=0).label()
+            runs.setdefault(unseeded, []).append(a)
+    out = []
+    for label, group in runs.items():
+        if len(group) < 2:
+            continue
+        rates = [a["concept_rate"] for a in group]
+        out.append({"label": label, "seeds": [a["settings"]["seed"] for a in group], "rates": rates,
+                    "mean": sum(rates) / len(rates), "min": min(rates), "max": max(rates),
+                    "base_mean": sum(a["base_rate"] for a in group) / len(group)})
+        if all("retrained_rate" in a for a in group):  # the floor model's, attacked alike
+            out[-1]["retrained_mean"] = sum(a["retrained_rate"] for a in group) / len(group)
+    return out
+
+
+def spread_text(spread: dict) -> str:
+    """"8% (6-9%)": the mean over seeds and the range, as the reports print it."""
+    from .report import pct
+
+    return f"{pct(spread['mean'])} ({100 * spread['min']:.0f}-{pct(spread['max'])})"
+
+
 def robustness_markdown(group: dict, grid_name: str = "attack_grid.png") -> str:
     """The robustness section of report.md."""
     from .report import markdown_table, pct
@@ -495,6 +526,14 @@ def robustness_markdown(group: dict, grid_name: str = "attack_grid.png") -> str:
                     + ([pct(a["retrained_rate"])] if retrained else []))
     lines += markdown_table(["attack", "edited model", "base model", "sanity"]
                             + (["retrained without the concept"] if retrained else []), rows).splitlines()
+    spreads = inversion_spreads(group["attacks"])
+    if spreads:
+        lines += ["", "Each inversion above is one optimisation from one seed; run from several, the edited model's "
+                      "rate by seed:", ""]
+        lines += markdown_table(["inversion", "seeds", "edited model: mean (range)", "by seed", "base model: mean"],
+                                [[s["label"], ", ".join(map(str, s["seeds"])), spread_text(s),
+                                  " / ".join(pct(r) for r in s["rates"]), pct(s["base_mean"])]
+                                 for s in spreads]).splitlines()
     worst = group.get("max_rate")
     lines += ["", f"Strongest working attack: concept back in {pct(worst) if worst is not None else 'n/a'} of images."]
     if group["failed"]:

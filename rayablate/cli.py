@@ -311,6 +311,9 @@ def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None =
     group, rows = run_attacks(edited, base, cfg.concept, models.world, plan, scorer, device, say,
                               retrained_pipe=retrained)
     write_outputs(out, group, rows)
+    for spread in group["spreads"]:
+        say(f"{spread['label']}, seeds {', '.join(map(str, spread['seeds']))}: concept back in {spread['mean']:.0%} "
+            f"of images on average, {spread['min']:.0%}-{spread['max']:.0%} by seed")
     worst = group["max_rate"]
     say(f"strongest working attack: concept back in {'n/a' if worst is None else f'{worst:.0%}'} of images; "
         f"failed on the base model: {', '.join(group['failed']) or 'none'}")

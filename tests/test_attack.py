@@ -182,6 +182,34 @@ def test_attack_seeds_run_each_init_once_per_seed_and_each_seed_is_its_own_optim
     assert (ends[0] - ends[2]).abs().max() > 1e-6
 
 
+def test_inversions_run_from_several_seeds_are_summarised_by_mean_and_range(toy_pipe, tmp_path):
+    """`run_attacks` with two seeds of the target-started inversion and one of the anchor-started one:
+    one spread (the target's), its rates the two runs' in seed order, and report.md shows it; an
+    inversion run from one seed has no spread."""
+    plan = A.AttackPlan(inversions=[A.InversionSettings(num_vectors=2, steps=3, batch_size=4, num_references=8,
+                                                        init=i, seed=s) for i, s in (("target", 0), ("target", 3),
+                                                                                     ("anchor", 0))],
+                        prompt=None, num_images=4)
+    group, rows = A.run_attacks(toy_pipe, toy_pipe, ZORB, ToyWorld(), plan, log=lambda m: None)
+    target_runs = [a for a in group["attacks"] if a["settings"]["init"] == "target"]
+    [spread] = group["spreads"]
+    assert spread["label"] == target_runs[0]["label"] and spread["label"].endswith("init target")
+    assert spread["seeds"] == [0, 3] and spread["rates"] == [a["concept_rate"] for a in target_runs]
+    assert spread["min"] <= spread["mean"] <= spread["max"]
+    assert abs(spread["mean"] - sum(spread["rates"]) / 2) < 1e-9
+    A.write_outputs(tmp_path, group, rows)
+    report = (tmp_path / "report.md").read_text()
+    assert "run from several, the edited model's rate by seed" in report
+    assert f"| {spread['label']} | 0, 3 | {A.spread_text(spread)} |" in report
+    # summaries of hand-made results: the mean and range, and none for a single seed
+    made = [{"kind": "inversion", "settings": {"init": "random", "t_min": 0, "seed": s}, "concept_rate": r, "base_rate": 1.0}
+            for s, r in ((0, 0.0625), (1, 0.25), (2, 0.125))]
+    [s3] = A.inversion_spreads(made + [{"kind": "prompt", "label": "p", "concept_rate": 1.0}])
+    assert (s3["mean"], s3["min"], s3["max"], s3["base_mean"]) == (0.4375 / 3, 0.0625, 0.25, 1.0)
+    assert A.spread_text(s3) == "15% (6-25%)"
+    assert A.inversion_spreads(made[:1]) == []
+
+
 def test_attack_settings_are_checked_with_the_field_named():
     with pytest.raises(ConfigError, match=r"attack\.num_vectors: must be >= 1"):
         A.InversionSettings(num_vectors=0).check()
