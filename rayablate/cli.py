@@ -123,7 +123,8 @@ def add_attack_flags(ap: argparse.ArgumentParser, prefix: str = "") -> None:
                                                    "comma-separated list runs one inversion per init")
     g.add_argument("--attack-seeds", default="0",
                    help="inversion seeds (the new tokens' random start, the timesteps and noise it trains on), "
-                        "comma-separated: each init runs once per seed, so '0,1,2' shows one attack's spread")
+                        "comma-separated: each init runs once per seed, and the report gives each init's mean "
+                        "over the seeds and its range ('0,1,2')")
     g.add_argument("--num-references", type=int, default=256, help="reference images (renders or base-model images)")
     g.add_argument("--references", help="a folder of your images of the concept, at the pipeline's resolution")
     g.add_argument("--prompt-length", type=int, default=2, help="tokens the prompt search inserts")
