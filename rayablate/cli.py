@@ -403,6 +403,10 @@ def _tune(argv) -> int:
                     help="a model trained without the concept (toy worlds: jobs/pretrain_toy.py --exclude): the "
                          "trials' attack runs on it once, and only what a trial's attack brings back above that "
                          "floor counts against it (needs an attack)")
+    ap.add_argument("--attack-seeds", default="0",
+                    help="run the trials' attack once per seed, comma-separated (e.g. 0,1,2): the attacked rate in "
+                         "the objective (and the base model's and the floor's) is the mean over the seeds, so one "
+                         "lucky or unlucky inversion does not decide a trial (cost: the attack's time x seeds)")
     ap.add_argument("--user-data", help="extra image-text pairs (as for train)")
     args = ap.parse_args(argv)
 
@@ -410,6 +414,9 @@ def _tune(argv) -> int:
         from .config import concept_name
         from .tune import TuneSettings, load_space, tune_ablation
 
+        from .attack import parse_attack_seeds
+
+        seeds = parse_attack_seeds(args.attack_seeds)
         cfg = config_from_args(args)
         space = load_space(cfg, args.space, args.param, args.search)
         settings = TuneSettings(num_samples=args.num_samples, max_concurrent=args.max_concurrent,
@@ -417,7 +424,7 @@ def _tune(argv) -> int:
                                 kid_weight=args.kid_weight, search_seed=args.search_seed,
                                 heldout_seed=args.heldout_seed, trial_workers=args.trial_workers,
                                 scheduler=args.scheduler, final=not args.no_final, attack_steps=args.attack_steps,
-                                retrained_model=args.retrained_model)
+                                retrained_model=args.retrained_model, attack_seeds=seeds)
         out = args.output_dir or os.path.join("outputs", "tune-" + concept_name(cfg.concept))
         tune_ablation(cfg, space, settings, out, user_data=args.user_data)
         from .console import is_verbose, say

@@ -122,6 +122,9 @@ def test_settings_refuse_a_floor_without_an_attack_or_a_model(tmp_path):
         TuneSettings(retrained_model=str(tmp_path)).check(cfg)  # no attack in a plain search
     with pytest.raises(ConfigError, match="retrained_model"):
         TuneSettings(attack_steps=5, retrained_model=str(tmp_path / "nowhere")).check(cfg)
+    for bad in ([], [1, 1], [-1]):
+        with pytest.raises(ConfigError, match=r"attack_seeds: must be distinct integers >= 0"):
+            TuneSettings(attack_steps=5, attack_seeds=bad).check(cfg)
 
 
 @pytest.mark.slow
@@ -129,7 +132,8 @@ def test_the_trials_attack_measures_its_floor_on_the_retrained_model():
     """`--retrained-model`: the search's attack runs once on the base model and once on the model
     trained without the concept. The world v1 bundle never drew a hat, so the same inversion brings
     world v2's blix back from it less often than from v2 (the attack test's model pair); that rate
-    becomes the floor every trial's objective reads (its summary and report name it)."""
+    becomes the floor every trial's objective reads (its summary and report name it). With two attack
+    seeds the base model's rate and the floor are each the mean of the two runs (`--attack-seeds`)."""
     from rayablate.job import resolve_models
     from rayablate.toyworld import BUNDLE_DIRS
     from rayablate.tune.report import report_markdown
@@ -138,10 +142,16 @@ def test_the_trials_attack_measures_its_floor_on_the_retrained_model():
     cfg = load_config(ROOT / "configs" / "instance_blix_v2.yaml")
     cfg.eval_steps = 10
     retrained = str(BUNDLE_DIRS["v1"] / "sd")
-    settings = TuneSettings(attack_steps=60, trial_eval_images=8, retrained_model=retrained)
+    settings = TuneSettings(attack_steps=60, trial_eval_images=8, retrained_model=retrained, attack_seeds=[0, 1])
     settings.check(cfg)
     attack = _base_attack(cfg, resolve_models(cfg), settings)
     assert attack["attack_ok"] and attack["floor_rate"] < attack["base_rate"]
+    runs = {k: v for k, v in attack["base_cache"].items() if "inversion" in k}
+    base = [v["rate"] for k, v in runs.items() if k[0] == "inversion"]
+    floor = [v["rate"] for k, v in runs.items() if k[0] == "retrained"]
+    assert len(base) == len(floor) == 2 and {k[-1] for k in runs} == {0, 1}  # each seed its own inversion
+    assert attack["base_rate"] == pytest.approx(sum(base) / 2) and attack["floor_rate"] == pytest.approx(sum(floor) / 2)
+    assert attack["label"].endswith("init target, mean over seeds 0, 1")
     assert _floor({"attack": attack}) == attack["floor_rate"] and attack["retrained_model"] == retrained
     summary = {"concept": "blix", "kid_weight": 1.0, "rungs": [2], "num_trials": 0, "failed_trials": 0,
                "attack": {k: attack[k] for k in ATTACK_SUMMARY}}
@@ -173,7 +183,8 @@ def search(tmp_path_factory, tiny_sd_path, tiny_clip_path):
         # a 3-step attack on every trial: the attacked rate's path through the trials and the report
         with contextlib.redirect_stdout(console):
             rc = main(["tune", "--config", str(base / "c.yaml"), "--num-samples", "1", "--trial-eval-images", "4",
-                       "--rungs", "2,4", "--attack-steps", "3", "--param", "lr_matcher=grid:1e-3,1e30",
+                       "--rungs", "2,4", "--attack-steps", "3", "--attack-seeds", "0,1",
+                       "--param", "lr_matcher=grid:1e-3,1e30",
                        "--param", "w_adv=0.0", "--search", "lr_matcher", "w_adv", "--output-dir", str(out)])
         assert rc == 0, console.getvalue()[-3000:]
         yield out, json.loads((out / "tune_summary.json").read_text()), console.getvalue()
@@ -210,6 +221,7 @@ def test_a_failing_trial_does_not_stop_the_others(search):
     assert 0.0 <= attacked <= 1.0
     assert float(by_lr[1e-3]["ablation"]) <= 1.0 - attacked + 1e-9  # the attacked rate is in the objective
     assert summary["attack"]["label"].startswith("inversion 4v 3 steps") and summary["attack"]["num_images"] == 4
+    assert summary["attack"]["label"].endswith("mean over seeds 0, 1")  # --attack-seeds reached the search
 
 
 @pytest.mark.slow

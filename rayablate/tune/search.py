@@ -53,6 +53,9 @@ class TuneSettings:
     # a model trained without the concept (toy worlds: jobs/pretrain_toy.py --exclude): the attack runs
     # on it once, and only what a trial's attack brings back above that floor counts (objective.py)
     retrained_model: str | None = None
+    # the attack once per seed, and a trial's attacked rate (the base model's, the floor's) is the mean:
+    # one inversion is one optimisation, whose rate moved by up to 56 points with its seed on a leaky delta
+    attack_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     def check(self, cfg: AblationConfig) -> None:
         if self.num_samples < 1:
@@ -70,6 +73,9 @@ class TuneSettings:
             raise ConfigError("rungs", f"must be increasing step counts >= 1, got {rungs}")
         if self.attack_steps is not None and self.attack_steps < 0:
             raise ConfigError("attack_steps", f"must be >= 0 (0: no attack), got {self.attack_steps}")
+        seeds = self.attack_seeds
+        if not seeds or any(not isinstance(x, int) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError("attack_seeds", f"must be distinct integers >= 0, got {seeds}")
         if self.retrained_model:
             if not self.attack(cfg):
                 raise ConfigError("retrained_model", "is the floor of the trials' attack, and this search has none: "
@@ -121,11 +127,16 @@ def run_trial(params: dict, ctx: dict) -> None:
                      "trial_dir": str(trial_dir)})
 
 
-def _attack_plan(cfg: AblationConfig, steps: int, images: int):
+def _attack_plan(cfg: AblationConfig, steps: int, images: int, seeds: list[int] = (0,)):
     from ..attack import AttackPlan, InversionSettings
 
-    return AttackPlan(inversions=[InversionSettings(steps=steps, **ATTACK)], prompt=None, num_images=images,
-                      seed=cfg.eval_seed, steps=cfg.eval_steps, guidance=cfg.guidance_scale)
+    return AttackPlan(inversions=[InversionSettings(steps=steps, **ATTACK, seed=x) for x in seeds], prompt=None,
+                      num_images=images, seed=cfg.eval_seed, steps=cfg.eval_steps, guidance=cfg.guidance_scale)
+
+
+def _mean(attacks: list[dict], key: str) -> float:
+    """One rate of the trials' attack: its mean over the attack's seeds."""
+    return sum(a[key] for a in attacks) / len(attacks)
 
 
 def _attack_device_and_scorer(cfg: AblationConfig, models):
@@ -151,10 +162,10 @@ def _attacked_rate(cfg: AblationConfig, run: dict, ctx: dict) -> float | None:
     device, scorer = _attack_device_and_scorer(cfg, models)
     edited = load_pipeline(models.model_path, device=device)
     apply_delta(edited, run["train"]["delta_path"])
-    plan = _attack_plan(cfg, attack["steps"], attack["num_images"])
+    plan = _attack_plan(cfg, attack["steps"], attack["num_images"], attack.get("seeds", [0]))
     group, _ = run_attacks(edited, None, cfg.concept, models.world, plan, scorer, device, _quiet,
                            base_cache=dict(attack["base_cache"]), refs=attack["refs"])
-    return group["attacks"][0]["concept_rate"]
+    return _mean(group["attacks"], "concept_rate")
 
 
 def _floor(ctx: dict) -> float | None:
@@ -269,22 +280,26 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     from ..pipeline import load_pipeline
 
     device, scorer = _attack_device_and_scorer(cfg, models)
-    plan = _attack_plan(cfg, steps, settings.trial_eval_images)
-    say(f"[tune]     the trials' attack ({plan.inversions[0].label()}) on the base model")
+    seeds = list(settings.attack_seeds)
+    plan = _attack_plan(cfg, steps, settings.trial_eval_images, seeds)
+    label = plan.inversions[0].label() + (f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+    say(f"[tune]     the trials' attack ({label}) on the base model")
     base = load_pipeline(models.model_path, device=device)
     refs = reference_set(plan, base, cfg.concept, models.world, device)
     cache: dict = {}
     retrained = load_pipeline(settings.retrained_model, device=device) if settings.retrained_model else None
     group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs,
                            retrained_pipe=retrained)
-    a = group["attacks"][0]
-    say(f"[tune]     base model under the attack: concept in {a['concept_rate']:.0%} of images")
+    runs = group["attacks"]
+    base_rate = _mean(runs, "base_rate")
+    say(f"[tune]     base model under the attack: concept in {base_rate:.0%} of images")
     out = {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
-           "label": a["label"], "base_rate": a["base_rate"], "attack_ok": a["attack_ok"]}
+           "seeds": seeds, "label": label, "base_rate": base_rate, "attack_ok": all(a["attack_ok"] for a in runs)}
     if retrained is not None:
+        floor = _mean(runs, "retrained_rate")
         say(f"[tune]     model retrained without the concept under the attack: concept in "
-            f"{a['retrained_rate']:.0%} of images (the floor: only a trial's rate above it counts)")
-        out.update(floor_rate=a["retrained_rate"], retrained_model=settings.retrained_model)
+            f"{floor:.0%} of images (the floor: only a trial's rate above it counts)")
+        out.update(floor_rate=floor, retrained_model=settings.retrained_model)
     return out
 
 
