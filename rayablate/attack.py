@@ -490,11 +490,16 @@ def inversion_spreads(attacks: Sequence[dict]) -> list[dict]:
             continue
         rates = [a["concept_rate"] for a in group]
         out.append({"label": label, "seeds": [a["settings"]["seed"] for a in group], "rates": rates,
-                    "mean": sum(rates) / len(rates), "min": min(rates), "max": max(rates),
-                    "base_mean": sum(a["base_rate"] for a in group) / len(group)})
+                    "mean": mean_of(group, "concept_rate"), "min": min(rates), "max": max(rates),
+                    "base_mean": mean_of(group, "base_rate")})
         if all("retrained_rate" in a for a in group):  # the floor model's, attacked alike
-            out[-1]["retrained_mean"] = sum(a["retrained_rate"] for a in group) / len(group)
+            out[-1]["retrained_mean"] = mean_of(group, "retrained_rate")
     return out
+
+
+def mean_of(attacks: Sequence[dict], key: str) -> float:
+    """The mean of one rate (`concept_rate`, `base_rate`, `retrained_rate`) over attack results."""
+    return sum(a[key] for a in attacks) / len(attacks)
 
 
 def spread_text(spread: dict) -> str:
@@ -567,6 +572,15 @@ def write_outputs(out: Path, group: dict, rows: list[tuple[str, np.ndarray]]) ->
     write_text(rpath, report + robustness_markdown(group))
 
 
+def check_attack_seeds(seeds: Sequence[int], field: str, given=None) -> list[int]:
+    """Inversion seeds: a non-empty list of distinct integers >= 0 (ConfigError naming `field` and
+    what was `given`, by default the list)."""
+    if not seeds or any(not isinstance(x, int) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        shown = seeds if given is None else given
+        raise ConfigError(field, f"must be distinct integers >= 0, comma-separated, not {shown!r}")
+    return list(seeds)
+
+
 def parse_attack_seeds(text: str) -> list[int]:
     """--attack-seeds: distinct integers >= 0, comma-separated."""
     parts = [t.strip() for t in text.split(",") if t.strip()]
@@ -574,9 +588,7 @@ def parse_attack_seeds(text: str) -> list[int]:
         seeds = [int(t) for t in parts]
     except ValueError:
         raise ConfigError("--attack-seeds", f"must be integers >= 0, comma-separated, not {text!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError("--attack-seeds", f"must be distinct integers >= 0, comma-separated, not {text!r}")
-    return seeds
+    return check_attack_seeds(seeds, "--attack-seeds", text)
 
 
 def plan_from_args(args, cfg) -> AttackPlan:

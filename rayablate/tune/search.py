@@ -73,9 +73,9 @@ class TuneSettings:
             raise ConfigError("rungs", f"must be increasing step counts >= 1, got {rungs}")
         if self.attack_steps is not None and self.attack_steps < 0:
             raise ConfigError("attack_steps", f"must be >= 0 (0: no attack), got {self.attack_steps}")
-        seeds = self.attack_seeds
-        if not seeds or any(not isinstance(x, int) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
-            raise ConfigError("attack_seeds", f"must be distinct integers >= 0, got {seeds}")
+        from ..attack import check_attack_seeds
+
+        check_attack_seeds(self.attack_seeds, "attack_seeds")
         if self.retrained_model:
             if not self.attack(cfg):
                 raise ConfigError("retrained_model", "is the floor of the trials' attack, and this search has none: "
@@ -127,16 +127,11 @@ def run_trial(params: dict, ctx: dict) -> None:
                      "trial_dir": str(trial_dir)})
 
 
-def _attack_plan(cfg: AblationConfig, steps: int, images: int, seeds: list[int] = (0,)):
+def _attack_plan(cfg: AblationConfig, steps: int, images: int, seeds: list[int]):
     from ..attack import AttackPlan, InversionSettings
 
     return AttackPlan(inversions=[InversionSettings(steps=steps, **ATTACK, seed=x) for x in seeds], prompt=None,
                       num_images=images, seed=cfg.eval_seed, steps=cfg.eval_steps, guidance=cfg.guidance_scale)
-
-
-def _mean(attacks: list[dict], key: str) -> float:
-    """One rate of the trials' attack: its mean over the attack's seeds."""
-    return sum(a[key] for a in attacks) / len(attacks)
 
 
 def _attack_device_and_scorer(cfg: AblationConfig, models):
@@ -155,17 +150,17 @@ def _attacked_rate(cfg: AblationConfig, run: dict, ctx: dict) -> float | None:
     attack = ctx.get("attack")
     if not attack:
         return None
-    from ..attack import run_attacks
+    from ..attack import mean_of, run_attacks
     from ..pipeline import apply_delta, load_pipeline
 
     models = ctx["models"]
     device, scorer = _attack_device_and_scorer(cfg, models)
     edited = load_pipeline(models.model_path, device=device)
     apply_delta(edited, run["train"]["delta_path"])
-    plan = _attack_plan(cfg, attack["steps"], attack["num_images"], attack.get("seeds", [0]))
+    plan = _attack_plan(cfg, attack["steps"], attack["num_images"], attack["seeds"])
     group, _ = run_attacks(edited, None, cfg.concept, models.world, plan, scorer, device, _quiet,
                            base_cache=dict(attack["base_cache"]), refs=attack["refs"])
-    return _mean(group["attacks"], "concept_rate")
+    return mean_of(group["attacks"], "concept_rate")
 
 
 def _floor(ctx: dict) -> float | None:
@@ -276,7 +271,7 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     steps = settings.attack(cfg)
     if not steps:
         return None
-    from ..attack import reference_set, run_attacks
+    from ..attack import mean_of, reference_set, run_attacks
     from ..pipeline import load_pipeline
 
     device, scorer = _attack_device_and_scorer(cfg, models)
@@ -291,12 +286,12 @@ def _base_attack(cfg: AblationConfig, models, settings: TuneSettings) -> dict | 
     group, _ = run_attacks(base, base, cfg.concept, models.world, plan, scorer, device, _quiet, cache, refs,
                            retrained_pipe=retrained)
     runs = group["attacks"]
-    base_rate = _mean(runs, "base_rate")
+    base_rate = mean_of(runs, "base_rate")
     say(f"[tune]     base model under the attack: concept in {base_rate:.0%} of images")
     out = {"steps": steps, "num_images": settings.trial_eval_images, "refs": refs, "base_cache": cache,
            "seeds": seeds, "label": label, "base_rate": base_rate, "attack_ok": all(a["attack_ok"] for a in runs)}
     if retrained is not None:
-        floor = _mean(runs, "retrained_rate")
+        floor = mean_of(runs, "retrained_rate")
         say(f"[tune]     model retrained without the concept under the attack: concept in "
             f"{floor:.0%} of images (the floor: only a trial's rate above it counts)")
         out.update(floor_rate=floor, retrained_model=settings.retrained_model)
