@@ -151,6 +151,22 @@ def test_the_joint_run_takes_the_command_lines_overrides_and_a_robust_concepts_a
     assert j.robust and not j.robust_per_concept
 
 
+def test_a_concepts_when_robust_applies_to_it_when_robust_below_the_command_line():
+    from rayablate.batch import batch_from_dict, joint_config
+
+    spec = _batch()
+    spec["defaults"]["when_robust"] = {"w_pres": 7.0}
+    spec["concepts"][1].update(robust=True, when_robust={"num_preservation_images": 96})
+    b = batch_from_dict(spec)
+    striped, zorb, _ = b.concepts
+    assert (zorb.cfg.num_preservation_images, zorb.cfg.w_pres) == (96, 7.0)  # its own and the defaults'
+    assert not striped.cfg.robust and striped.cfg.w_pres == 1.0  # not robust: the defaults' when_robust stays out
+    assert batch_from_dict(spec, overrides={"num_preservation_images": 8}).concepts[1].cfg.num_preservation_images == 8
+    # the robust joint run takes the defaults' when_robust too, and still the steps its own rule gives
+    j = joint_config(b, ["striped", "zorb"])
+    assert j.robust and j.w_pres == 7.0 and j.steps == 2
+
+
 def test_joint_rows_of_a_toy_concept_name_no_other_target_of_the_batch():
     from rayablate.batch.merge import names_any
     from rayablate.config import config_from_dict

@@ -1,4 +1,6 @@
 """Config loading and validation: every bad value names its field."""
+from pathlib import Path
+
 import pytest
 
 from rayablate.config import AblationConfig, ConfigError, config_from_dict, load_config, validate
@@ -124,3 +126,28 @@ def test_every_concept_config_in_configs_loads():
     kinds = {name: cfg.concept.anchor_kind for name, cfg in loaded.items()}
     assert kinds["style_striped_blank.yaml"] == "blank" and loaded["style_striped_blank.yaml"].match == "noise"
     assert kinds["instance_zorb_noise.yaml"] == "noise" and kinds["style_striped_empty.yaml"] == "empty"
+
+
+def test_when_robust_applies_to_robust_runs_only_below_the_flags(tmp_path):
+    """A concept file's `when_robust` fields are what its robust runs use (robust turned on by the
+    file or by --robust), over robust mode's own defaults, and a flag still wins over them."""
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 100\nnum_preservation_images: 64\nwhen_robust:\n  steps: 250\n")
+    plain = load_config(p)
+    assert (plain.robust, plain.steps, plain.num_preservation_images) == (False, 100, 64)
+    robust = load_config(p, {"robust": True})
+    # when_robust's steps; the file's own 64 rows still beat ROBUST_DEFAULTS' 128; its other defaults apply
+    assert (robust.robust, robust.steps, robust.num_preservation_images, robust.param_group) == (True, 250, 64, "xattn")
+    assert load_config(p, {"robust": True, "steps": 30}).steps == 30
+    p.write_text("robust: true\nsteps: 100\nwhen_robust:\n  steps: 250\n")
+    assert load_config(p).steps == 250 and config_from_dict({"robust": True, "when_robust": {"steps": 7}}).steps == 7
+    # the v2 configs hold their default runs at 100 steps and their robust runs at robust mode's 200
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("instance_blix_v2.yaml", "instance_zorb_v2.yaml", "style_wavy_v2.yaml"):
+        assert (load_config(root / name).steps, load_config(root / name, {"robust": True}).steps) == (100, 200), name
+
+
+@pytest.mark.parametrize("value, field", [({"stepz": 3}, "when_robust.stepz"), ({"robust": False}, "when_robust.robust"),
+                                          ({"concept": {}}, "when_robust.concept"), ([1], "when_robust")])
+def test_a_bad_when_robust_is_refused_even_in_a_default_run(value, field):
+    bad({"when_robust": value}, field)

@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import (AblationConfig, ConfigError, concept_name, config_from_dict, nest_overrides,
+from ..config import (AblationConfig, ConfigError, apply_when_robust, concept_name, config_from_dict, nest_overrides,
                       read_yaml_mapping, to_dict)
 
 STATUS_NAME = "status.json"
@@ -155,7 +155,7 @@ def batch_from_dict(data: dict, overrides: dict[str, Any] | None = None,
         raise ConfigError("defaults", f"expected a mapping of config fields, got {type(defaults).__name__}")
     flat = nest_overrides(overrides)
     try:
-        config_from_dict(_deep_merge(defaults, flat))
+        config_from_dict(_with_flags(defaults, flat))
     except ConfigError as e:
         raise _prefixed(e, "defaults") from None
     concepts = _concepts(data.get("concepts"), defaults, flat)
@@ -165,6 +165,12 @@ def batch_from_dict(data: dict, overrides: dict[str, Any] | None = None,
     if settings.joint:
         joint_config(batch, [c.name for c in concepts])  # a bad joint_overrides field fails here, before anything runs
     return batch
+
+
+def _with_flags(data: dict, flat: dict) -> dict:
+    """A concept's fields with the command line's on top: its `when_robust` fields (if it or a flag
+    turns robust on) go below the flags, as in `load_config`."""
+    return _deep_merge(apply_when_robust(data, flat.get("robust", data.get("robust"))), flat)
 
 
 def _concepts(entries: Any, defaults: dict, flat: dict) -> list[BatchConcept]:
@@ -178,7 +184,7 @@ def _concepts(entries: Any, defaults: dict, flat: dict) -> list[BatchConcept]:
         if not isinstance(entry.get("concept"), dict):
             raise ConfigError(f"{where}.concept", "missing: each concept needs a `concept:` mapping "
                                                   "(target, anchor, kind, neighbours, ...)")
-        merged = _deep_merge(_deep_merge(defaults, entry), flat)
+        merged = _with_flags(_deep_merge(defaults, entry), flat)
         try:
             cfg = config_from_dict(merged)
         except ConfigError as e:
@@ -241,9 +247,11 @@ def joint_config(batch: Batch, names: list[str]) -> AblationConfig:
     `joint_overrides.robust` decides instead where it is set. A robust joint run keeps one inner
     attacker per concept (`robust_per_concept`) unless `joint_overrides` says otherwise."""
     by = {c.name: c for c in batch.concepts}
-    base = _deep_merge(batch.defaults, {"concept": to_dict(by[names[0]].cfg)["concept"]})
-    base = _deep_merge(base, batch.overrides)
     robust_from = joint_robust_source(batch, names)
+    robust = batch.settings.joint_overrides.get("robust", robust_from is not None)
+    # the defaults' `when_robust` as the joint run is robust or not; the summed steps still go over it
+    base = _deep_merge(apply_when_robust(batch.defaults, robust), {"concept": to_dict(by[names[0]].cfg)["concept"]})
+    base = _deep_merge(base, batch.overrides)
     if robust_from is not None:
         src = to_dict(by[robust_from].cfg)
         base = _deep_merge(base, {k: src[k] for k in ROBUST_FIELDS})
