@@ -154,6 +154,8 @@ CATALOGUE = [
     ("config-is-a-folder", "train", lambda tmp: ["--config", str(tmp)], r"config: .* is not a file"),
     ("unknown-key", "train", yaml_file("stepz: 3\n"), r"stepz: unknown key; allowed: .*steps"),
     ("unknown-nested-key", "train", yaml_file("concept:\n  targt: zorb\n"), r"concept\.targt: unknown key"),
+    ("when-robust-unknown-key", "train", yaml_file("when_robust:\n  stepz: 3\n"),
+     r"when_robust\.stepz: unknown key .*allowed: .*steps"),
     ("wrong-type-int", "train", yaml_file("steps: ten\n"), r"steps: expected an integer, got 'ten'"),
     ("wrong-type-float-for-int", "train", yaml_file("batch_size: 2.5\n"), r"batch_size: expected an integer"),
     ("wrong-type-list", "train", yaml_file("concept:\n  neighbours: dotted\n"), r"concept\.neighbours: expected a list"),
