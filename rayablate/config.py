@@ -244,11 +244,12 @@ MEMORIZED_DEFAULTS = {"param_group": "full", "match": "noise", "lr_matcher": 3e-
                       "w_adv": 0.0, "steps": 100}
 
 
-def apply_when_robust(data: dict, robust: bool | None) -> dict:
+def apply_when_robust(data: dict, robust: bool | None = None) -> dict:
     """`data` without its `when_robust` mapping, whose fields are written over the top-level ones when
-    `robust` is True (a concept file's settings for its robust runs: e.g. the v2 configs' `steps: 100`
-    is what their default runs were measured at, and would hold a robust run below robust mode's 200).
-    Its keys are checked either way, so a typo does not wait for the first robust run."""
+    the run is robust: `robust` where given (the command line's flag, or the batch's joint run), else
+    `data`'s own `robust` (a concept file's settings for its robust runs: e.g. the v2 configs' `steps:
+    100` is what their default runs were measured at, and would hold a robust run below robust mode's
+    200). Its keys are checked either way, so a typo does not wait for the first robust run."""
     data = dict(data)
     extra = data.pop("when_robust", None)
     if extra is None:
@@ -260,7 +261,7 @@ def apply_when_robust(data: dict, robust: bool | None) -> dict:
         if key not in fields:
             raise ConfigError(f"when_robust.{key}", "unknown key (the concept, the model and robust itself are set "
                                                    f"at the top level); allowed: {', '.join(sorted(fields))}")
-    if robust is True:
+    if (data.get("robust") if robust is None else robust) is True:
         data.update(extra)
     return data
 
@@ -269,7 +270,7 @@ def config_from_dict(data: dict) -> AblationConfig:
     """Build and validate a config from a plain dict (YAML's shape). With `robust: true`, the fields
     of its `when_robust` mapping are written over the top-level ones, then the fields of
     ROBUST_DEFAULTS that `data` still does not set take those values."""
-    data = apply_when_robust(data or {}, (data or {}).get("robust"))
+    data = apply_when_robust(data or {})
     if data.get("robust") is True:
         for k, v in ROBUST_DEFAULTS.items():
             data.setdefault(k, v)
@@ -344,8 +345,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Load YAML (or the defaults when `path` is None), apply dotted-key `overrides`, validate. The
     file's `when_robust` fields apply when the file or `overrides` turn robust on, below the overrides."""
     data = read_yaml_mapping(path) if path is not None else {}
-    flag = (overrides or {}).get("robust")
-    data = apply_when_robust(data, flag if flag is not None else data.get("robust"))
+    data = apply_when_robust(data, (overrides or {}).get("robust"))
     return config_from_dict(nest_overrides(overrides, data))
 
 

@@ -170,7 +170,7 @@ def batch_from_dict(data: dict, overrides: dict[str, Any] | None = None,
 def _with_flags(data: dict, flat: dict) -> dict:
     """A concept's fields with the command line's on top: its `when_robust` fields (if it or a flag
     turns robust on) go below the flags, as in `load_config`."""
-    return _deep_merge(apply_when_robust(data, flat.get("robust", data.get("robust"))), flat)
+    return _deep_merge(apply_when_robust(data, flat.get("robust")), flat)
 
 
 def _concepts(entries: Any, defaults: dict, flat: dict) -> list[BatchConcept]:
