@@ -43,6 +43,7 @@ import torch
 from .soft_tokens import SoftTokens, denoising_loss
 
 STATE_FILE = "robust_rank{}.pt"
+TEACHER_ROWS = 64  # rows per forward of the frozen model for the inner steps' goals (see `_inner`)
 
 
 def adversarial_caption(target: str, anchor: str, text: str) -> str:
@@ -181,13 +182,21 @@ class InnerAttacker:
 
     def _inner(self, soft: SoftTokens, batch: dict, abl: torch.Tensor, z0: torch.Tensor, gen: torch.Generator) -> None:
         ab, cfg, dev = self.ablation, self.cfg, self.ablation.device
-        opt = torch.optim.Adam(soft.parameters(), lr=cfg.robust_lr)
+        # Every inner step's rows, timesteps and noise, drawn from `gen` in the order the steps would
+        # draw them one by one, so the draws are those of a step-by-step loop. The frozen model's goal
+        # does not depend on the tokens, so the goals of all the steps come from batched forwards
+        # (TEACHER_ROWS rows each): on the toy UNet one forward of 64 rows takes 0.4x the time of 8 of
+        # 8 rows, and the goals were a third of a robust step's time.
+        draws = []
         for _ in range(cfg.robust_inner_steps):
             pick = abl[torch.randint(0, len(abl), (cfg.robust_batch_size,), generator=gen, device=dev)]
             t = torch.randint(cfg.robust_t_min, ab.num_train_timesteps, (len(pick),), generator=gen, device=dev)
             noise = torch.randn(z0[pick].shape, generator=gen, device=dev, dtype=z0.dtype)
-            z_t = ab.scheduler.add_noise(z0[pick], noise, t)
-            goal = self._teacher(z_t, t, [batch["target"][i] for i in pick.tolist()])
+            draws.append((pick, t, ab.scheduler.add_noise(z0[pick], noise, t)))
+        goals = self._teacher(torch.cat([z for _, _, z in draws]), torch.cat([t for _, t, _ in draws]),
+                              [batch["target"][i] for pick, _, _ in draws for i in pick.tolist()])
+        opt = torch.optim.Adam(soft.parameters(), lr=cfg.robust_lr)
+        for (pick, t, z_t), goal in zip(draws, goals.split(cfg.robust_batch_size)):
             loss = denoising_loss(self.snapshot_unet, z_t, t, self._cond(soft, self.captions(soft, batch, pick), grad=True),
                                   goal)
             opt.zero_grad(set_to_none=True)
@@ -197,9 +206,14 @@ class InnerAttacker:
 
     @torch.no_grad()
     def _teacher(self, z_t, t, captions):
+        """The frozen model's prediction for `captions` at (z_t, t), TEACHER_ROWS rows a forward."""
         ab = self.ablation
-        h, add = ab.prompts.encode(self.encoders, ab.prompts.tokenize(captions, ab.device))
-        return ab.teacher(z_t, t, encoder_hidden_states=h, added_cond_kwargs=add).float()
+        out = []
+        for i in range(0, len(captions), TEACHER_ROWS):
+            h, add = ab.prompts.encode(self.encoders, ab.prompts.tokenize(captions[i:i + TEACHER_ROWS], ab.device))
+            out.append(ab.teacher(z_t[i:i + TEACHER_ROWS], t[i:i + TEACHER_ROWS], encoder_hidden_states=h,
+                                  added_cond_kwargs=add).float())
+        return torch.cat(out)
 
     def conditioning(self, batch: dict, idx):
         """The UNet conditioning of c*(v*) for rows `idx` (no gradient reaches v): each row with the

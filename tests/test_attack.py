@@ -152,6 +152,57 @@ def test_per_concept_attacker_keeps_one_set_per_concept_and_resumes_exactly(toy_
     assert other.row_keys(batch, idx) == [cfg.concept.target] * 3
 
 
+def test_the_inner_attackers_batched_goals_give_the_step_by_step_loops_tokens(toy_pipe):
+    """A refresh draws all its inner steps' rows, timesteps and noise first and gets the frozen
+    model's goals in batched forwards (`robust.TEACHER_ROWS` rows each). Written out here as the loop
+    it replaces (draw, goal, step, one inner step at a time, from the same generator), it ends at the
+    same soft tokens, also with the goals split over several forwards."""
+    import copy
+
+    from rayablate import robust as R
+    from rayablate.config import config_from_dict
+    from rayablate.method import Ablation, step_seed
+    from rayablate.soft_tokens import denoising_loss
+
+    cfg = config_from_dict({"robust": True, "robust_inner_steps": 3, "robust_batch_size": 3, "robust_inits": ["target"]})
+    rows = [("a striped red circle", "a plain red circle", 1), ("a blue square with stripes", "a blue square plain", 1),
+            ("a striped green zorb", "a plain green zorb", 1), ("a dotted red kubo", "a dotted red kubo", 0)]
+    batch = {"images": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+             "target": [r[0] for r in rows], "anchor": [r[1] for r in rows], "mask": torch.tensor([float(r[2]) for r in rows])}
+    ends = []
+    for teacher_rows in (64, 4):  # one forward for the 9 goals; three
+        att = Ablation(copy.deepcopy(toy_pipe), cfg).robust
+        old, R.TEACHER_ROWS = R.TEACHER_ROWS, teacher_rows
+        try:
+            att.refresh(batch, step=1)
+        finally:
+            R.TEACHER_ROWS = old
+        ends.append(att.sets[None].soft.vectors[0].detach().clone())
+    # the step-by-step loop, from a fresh attacker's same start
+    att = Ablation(copy.deepcopy(toy_pipe), cfg).robust
+    ab, soft = att.ablation, att.sets[None].soft
+    att.refresh_snapshot()
+    abl = (batch["mask"] > 0.5).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed + 3, ab.rank, 1))
+    z0 = ab.encode_images(batch["images"], gen)
+    opt = torch.optim.Adam(soft.parameters(), lr=cfg.robust_lr)
+    for _ in range(cfg.robust_inner_steps):
+        pick = abl[torch.randint(0, len(abl), (cfg.robust_batch_size,), generator=gen)]
+        t = torch.randint(cfg.robust_t_min, ab.num_train_timesteps, (len(pick),), generator=gen)
+        noise = torch.randn(z0[pick].shape, generator=gen, dtype=z0.dtype)
+        z_t = ab.scheduler.add_noise(z0[pick], noise, t)
+        goal = att._teacher(z_t, t, [batch["target"][i] for i in pick.tolist()])
+        loss = denoising_loss(att.snapshot_unet, z_t, t, att._cond(soft, att.captions(soft, batch, pick), grad=True), goal)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    start = Ablation(copy.deepcopy(toy_pipe), cfg).robust.sets[None].soft.vectors[0].detach()
+    moved = float((soft.vectors[0].detach() - start).norm())
+    assert moved > 1e-3  # the loop trains the tokens
+    for end in ends:
+        assert float((end - soft.vectors[0].detach()).norm()) < 1e-3 * moved
+
+
 def test_attack_seeds_run_each_init_once_per_seed_and_each_seed_is_its_own_optimisation(toy_pipe):
     """`--attack-seeds 0,2 --init anchor,target`: four inversions, labelled apart (seed 0's label as
     before); the same seed repeats an inversion exactly, another seed trains on other timesteps and
