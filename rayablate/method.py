@@ -180,6 +180,38 @@ def _rows(x, idx):
     return x[idx]
 
 
+def _conditioning(h, add) -> dict:
+    return {"encoder_hidden_states": h, "added_cond_kwargs": add}
+
+
+def _cat(parts: list):
+    """Concatenate rows of tensors, lists of tensors (one per tokenizer) or dicts of tensors (None stays)."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, list):
+        return [torch.cat([p[j] for p in parts]) for j in range(len(first))]
+    return torch.cat(parts)
+
+
+def _forward(model, z_t, t, requests: list, inputs) -> list:
+    """One forward of `model` over the rows of every request (kind, rows) stacked, split back into
+    one prediction per request. `inputs(kind, rows)` gives a request's conditioning keywords.
+    One call instead of one per request: the UNet's fixed cost per call (module dispatch, DeepSpeed's
+    hooks) was most of a small step, and per row the predictions are the same (the UNet mixes no rows)."""
+    if not requests:
+        return []
+    rows = [torch.arange(len(z_t), device=z_t.device) if idx is None else idx for _, idx in requests]
+    keywords = [inputs(kind, idx) for (kind, idx) in requests]
+    if any(kw.keys() != keywords[0].keys() for kw in keywords):
+        raise ValueError(f"requests of one forward need the same conditioning inputs, got {[sorted(kw) for kw in keywords]}")
+    out = model(torch.cat([z_t[r] for r in rows]), torch.cat([t[r] for r in rows]),
+                **{k: _cat([kw[k] for kw in keywords]) for k in keywords[0]}).float()
+    return list(out.split([len(r) for r in rows]))
+
+
 # --- the models of one ablation -------------------------------------------------------------------
 
 class Ablation:
@@ -317,7 +349,10 @@ class Ablation:
         return z_t, t, z0
 
     def _predictors(self, batch: dict, z_t, t):
-        """student(kind, rows) and teacher(kind, rows): eps_theta / eps_0 for the target or anchor captions."""
+        """students(requests) and teachers(requests): eps_theta / eps_0 for each request of a step, in
+        one forward of the matcher and one of the frozen model (see `_forward`). A request is
+        (kind, rows): the target, anchor or empty ("uncond") captions on `rows` (None: every row), or
+        (("cond", encoder_hidden_states, added_cond_kwargs), rows) for a conditioning given as is."""
         ids = {k: self.prompts.tokenize(batch[k], self.device) for k in ("target", "anchor")}
         ids["uncond"] = self.prompts.tokenize([""] * len(batch["target"]), self.device)  # CFG's other branch
         frozen_cond: dict = {}
@@ -328,20 +363,23 @@ class Ablation:
                     frozen_cond[kind] = self.prompts.encode(list(self.teacher.text_encoders.values()), ids[kind])
             return frozen_cond[kind]
 
-        def student(kind, idx=None):
-            if self.text_trainable:
-                return self.student_fn(_rows(z_t, idx), _rows(t, idx), input_ids=_rows(ids[kind], idx)).float()
+        def inputs(kind, idx, trained_text: bool = False) -> dict:
+            if isinstance(kind, tuple):  # ("cond", h, add): already the rows' own
+                return _conditioning(kind[1], kind[2])
+            if trained_text:  # the trained encoder reads the ids
+                return {"input_ids": _rows(ids[kind], idx)}
             h, add = cond(kind)
-            return self.student_fn(_rows(z_t, idx), _rows(t, idx), encoder_hidden_states=_rows(h, idx),
-                                   added_cond_kwargs=_rows(add, idx)).float()
+            return _conditioning(_rows(h, idx), _rows(add, idx))
+
+        def students(requests):
+            return _forward(self.student_fn, z_t, t, requests,
+                            lambda kind, idx: inputs(kind, idx, self.text_trainable and not isinstance(kind, tuple)))
 
         @torch.no_grad()
-        def teacher(kind, idx=None):
-            h, add = cond(kind)
-            return self.teacher(_rows(z_t, idx), _rows(t, idx), encoder_hidden_states=_rows(h, idx),
-                                added_cond_kwargs=_rows(add, idx)).float()
+        def teachers(requests):
+            return _forward(self.teacher, z_t, t, requests, inputs)
 
-        return student, teacher
+        return students, teachers
 
     # --- the objective ---
     def loss_terms(self, batch: dict, step: int) -> dict:
@@ -361,17 +399,35 @@ class Ablation:
         # row, weighted 0.
         abl_fwd = abl if has_abl else torch.zeros(1, dtype=torch.long, device=self.device)
         on = 1.0 if has_abl else 0.0
-        student, teacher = self._predictors(batch, z_t, t)
+        students, teachers = self._predictors(batch, z_t, t)
         robust = self.robust is not None and cfg.w_robust > 0
         need_t_anchor = ((cfg.w_match > 0 and cfg.match == "model") or cfg.w_pres > 0 or cfg.w_con > 0
                          or cfg.w_adv > 0 or robust)
         need_s_target = cfg.w_match > 0 or cfg.w_pres > 0 or cfg.w_con > 0 or cfg.w_adv > 0
-        s_target = student("target") if need_s_target else None  # eps_theta(c*); eps_theta(c_i) on pres rows
-        t_anchor = teacher("anchor") if need_t_anchor else None  # eps_0(c); eps_0(c_i) on pres rows
-        # eps_0(c*) on the ablation rows, once: negative guidance and the contrastive term share it
-        need_t_target = has_abl and (cfg.w_con > 0 or (cfg.w_match > 0 and cfg.match == "model"
-                                                       and cfg.negative_guidance > 0))
-        t_target = teacher("target", abl) if need_t_target else None
+        # eps_0(c*) on the ablation rows, once: negative guidance, the contrastive term and robust
+        # mode's margin share it (the margin's rows are abl_fwd, which is abl when there are any)
+        need_t_target = (has_abl and (cfg.w_con > 0 or (cfg.w_match > 0 and cfg.match == "model"
+                                                        and cfg.negative_guidance > 0))
+                         or (robust and cfg.robust_loss != "match"))
+        # Every prediction of the step is asked for first, then made in one forward of the matcher and
+        # one of the frozen model (`_forward`); the same forwards on every rank (see above).
+        s_req, t_req = {}, {}
+        if need_s_target:
+            s_req["target"] = ("target", None)  # eps_theta(c*); eps_theta(c_i) on pres rows
+        if cfg.w_reg > 0:
+            s_req["reg"] = ("anchor", abl_fwd)
+        if cfg.w_uncond > 0:  # the unconditional prediction of every row stays eps_0(""): guidance amplifies its drift
+            s_req["uncond"] = t_req["uncond"] = ("uncond", None)
+        if robust:
+            h, add = self.robust.conditioning(batch, abl_fwd)
+            s_req["robust"] = (("cond", h, add), abl_fwd)
+        if need_t_anchor:
+            t_req["anchor"] = ("anchor", None)  # eps_0(c); eps_0(c_i) on pres rows
+        if need_t_target:
+            t_req["target"] = ("target", abl_fwd)
+        S = dict(zip(s_req, students(list(s_req.values()))))
+        T = dict(zip(t_req, teachers(list(t_req.values()))))
+        s_target, t_anchor, t_target = S.get("target"), T.get("anchor"), T.get("target")
         zero = torch.zeros((), device=self.device)
         terms = {k: zero for k in TERMS}
         if cfg.w_match > 0 and cfg.match == "model":
@@ -383,7 +439,7 @@ class Ablation:
         elif cfg.w_match > 0:
             terms["match"] = L.match_noise_based(s_target, target, mask)
         if cfg.w_reg > 0:
-            terms["reg"] = on * L.anchor_regularizer(student("anchor", abl_fwd), target[abl_fwd])
+            terms["reg"] = on * L.anchor_regularizer(S["reg"], target[abl_fwd])
         if cfg.w_pres > 0:
             terms["pres"] = L.preservation(s_target, t_anchor, mask)
         if cfg.w_con > 0 and has_abl:
@@ -392,21 +448,18 @@ class Ablation:
         if cfg.w_adv > 0:
             terms["adv"], d_loss = self._adversarial(z_t, t, s_target, t_anchor, mask)
         weights = {"match": cfg.w_match, "reg": cfg.w_reg, "pres": cfg.w_pres, "con": cfg.w_con, "adv": cfg.w_adv}
-        if cfg.w_uncond > 0:  # the unconditional prediction of every row stays eps_0(""): guidance amplifies its drift
-            terms["uncond"] = L.preservation(student("uncond"), teacher("uncond"), torch.zeros_like(mask))
+        if cfg.w_uncond > 0:
+            terms["uncond"] = L.preservation(S["uncond"], T["uncond"], torch.zeros_like(mask))
             weights["uncond"] = cfg.w_uncond
         if self.robust is not None:
             weights["pres"] = cfg.w_pres * cfg.robust_pres_scale
             weights["uncond"] = cfg.w_uncond * cfg.robust_pres_scale
         if robust:
             weights["robust"] = cfg.w_robust
-            h, add = self.robust.conditioning(batch, abl_fwd)
-            s_adv = self.student_fn(z_t[abl_fwd], t[abl_fwd], encoder_hidden_states=h, added_cond_kwargs=add).float()
             if cfg.robust_loss == "match":
-                terms["robust"] = on * L.match_model_based(s_adv, t_anchor[abl_fwd])
+                terms["robust"] = on * L.match_model_based(S["robust"], t_anchor[abl_fwd])
             else:  # "margin": only until the attacked prediction is nearer the anchor than the target
-                terms["robust"] = on * L.contrastive_margin(s_adv, t_anchor[abl_fwd], teacher("target", abl_fwd),
-                                                            cfg.robust_margin)
+                terms["robust"] = on * L.contrastive_margin(S["robust"], t_anchor[abl_fwd], t_target, cfg.robust_margin)
         total = sum((weights[k] * terms[k] for k in terms if weights[k] > 0), zero)
         if not total.requires_grad:  # e.g. only w_reg > 0 and a batch without ablation rows
             total = total + 0.0 * sum(p.sum() for p in self.trainable_parameters())

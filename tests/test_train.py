@@ -102,68 +102,86 @@ def reference_run(ray_session, train_ds, tiny_sd_path, tmp_path_factory):
 EVAL = dict(eval_images=2, eval_steps=2)  # the reference run's evaluation: 2 images a group, 2 sampler steps
 
 
-def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path):
-    """No Ray: weight 0 means no forward pass for that term; the total is the weighted sum."""
+def test_objective_skips_zero_weight_terms_and_sums_weighted_terms(tiny_sd_path, monkeypatch):
+    """No Ray: weight 0 means no rows in a forward for that term; every term of a step comes from
+    one forward of the matcher and one of the frozen model, with the terms of a forward per request;
+    the total is the weighted sum."""
+    from rayablate import method
     from rayablate.method import Ablation
     from rayablate.pipeline import load_pipeline
 
-    batch_rows = _rows(4)
+    batch_rows = _rows(4)  # 2 ablation rows, 2 preservation rows
     batch = {k: np.array([r[k] for r in batch_rows], dtype=object if k != "mask" else np.int64)
              for k in batch_rows[0]}
-    calls = {"student": 0, "teacher": 0}
+    calls = {"student": [], "teacher": []}  # the rows of each UNet forward
 
     def count(name):
-        def hook(*_):
-            calls[name] += 1
+        def hook(_, args, kwargs, output):
+            calls[name].append(len(args[0]))
         return hook
 
     def run(cfg, perturb: bool = False):
-        """loss_terms of one batch under `cfg`, counting the student's and the teacher's UNet forwards."""
+        """loss_terms of one batch under `cfg`, recording the student's and the teacher's UNet forwards."""
         w = Ablation(load_pipeline(tiny_sd_path), cfg)
         if perturb:  # move the matcher off eps_0, or a preservation-type term is exactly 0
             with torch.no_grad():
                 for p in w.trainable_parameters():
                     p.add_(0.05 * torch.randn_like(p))
-        calls.update(student=0, teacher=0)
-        w.student.unet.register_forward_hook(count("student"))
-        w.teacher.unet.register_forward_hook(count("teacher"))
+        calls.update(student=[], teacher=[])
+        w.student.unet.register_forward_hook(count("student"), with_kwargs=True)
+        w.teacher.unet.register_forward_hook(count("teacher"), with_kwargs=True)
         return w, w.loss_terms(w.batch_tensors(batch), step=1)
 
     w, out = run(_cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0))
-    assert calls == {"student": 1, "teacher": 0}
+    assert calls == {"student": [4], "teacher": []}
     assert out["disc"] is None and w.disc is None
     assert {k: v.item() for k, v in out["terms"].items() if k != "match"} == {k: 0.0 for k in TERMS if k != "match"}
     assert out["total"].item() == pytest.approx(out["terms"]["match"].item())
 
-    _, out = run(_cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02))
+    every = _cfg(w_match=1.0, w_reg=0.5, w_pres=2.0, w_con=0.1, w_adv=0.02)
+    torch.manual_seed(0)
+    _, out = run(every, perturb=True)
     # student: c* (all rows) + c (ablation rows, regularizer); teacher: c (all rows) + c* (ablation rows, contrastive)
-    assert calls == {"student": 2, "teacher": 2}
+    assert calls == {"student": [4 + 2], "teacher": [4 + 2]}
     terms = {k: v.item() for k, v in out["terms"].items()}
-    assert all(v > 0 for k, v in terms.items() if k != "pres"), terms
+    assert all(v > 0 for k, v in terms.items()), terms
     expected = terms["match"] + 0.5 * terms["reg"] + 2.0 * terms["pres"] + 0.1 * terms["con"] + 0.02 * terms["adv"]
     assert out["total"].item() == pytest.approx(expected, rel=1e-6)
     assert out["disc"] is not None and torch.isfinite(out["disc"])
+    # the same terms with a forward per request (the UNet mixes no rows)
+    batched = method._forward
 
-    # unconditional preservation: one more student and teacher forward (the "" caption, all rows)
+    def one_by_one(model, z_t, t, requests, inputs):
+        return [p for r in requests for p in batched(model, z_t, t, [r], inputs)]
+
+    monkeypatch.setattr(method, "_forward", one_by_one)
+    torch.manual_seed(0)
+    _, alone = run(every, perturb=True)
+    assert calls == {"student": [4, 2], "teacher": [4, 2]}
+    for k, v in out["terms"].items():
+        assert alone["terms"][k].item() == pytest.approx(v.item(), rel=1e-4, abs=1e-7), k
+    monkeypatch.setattr(method, "_forward", batched)
+
+    # unconditional preservation: the "" caption on all rows, in both forwards
     _, out = run(_cfg(match="noise", w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0, w_uncond=3.0), perturb=True)
-    assert calls == {"student": 2, "teacher": 1}
+    assert calls == {"student": [4 + 4], "teacher": [4]}
     terms = {k: v.item() for k, v in out["terms"].items()}
     assert terms["uncond"] > 0
     assert out["total"].item() == pytest.approx(terms["match"] + 3.0 * terms["uncond"], rel=1e-6)
 
-    # negative guidance: the match's target moves away from eps_0(c*), one more teacher forward (c*)
+    # negative guidance: the match's target moves away from eps_0(c*), c* on the ablation rows in the teacher's forward
     only_match = dict(w_reg=0.0, w_pres=0.0, w_con=0.0, w_adv=0.0)
     match = {}
     for eta in (0.0, 0.0, 1.0):
         torch.manual_seed(0)  # the same perturbation each time: only eta differs
         _, out = run(_cfg(negative_guidance=eta, **only_match), perturb=True)
-        assert calls == {"student": 1, "teacher": 2 if eta else 1}
+        assert calls == {"student": [4], "teacher": [4 + 2] if eta else [4]}
         match.setdefault(eta, []).append(out["terms"]["match"].item())
     assert match[0.0][0] == pytest.approx(match[0.0][1], rel=1e-6)
     assert match[1.0][0] != pytest.approx(match[0.0][0], rel=1e-3)
-    # ... and the contrastive term reuses that eps_0(c*) forward instead of running its own
+    # ... and the contrastive term reuses that eps_0(c*) instead of asking for it again
     _, out = run(_cfg(negative_guidance=1.0, **{**only_match, "w_con": 0.1}), perturb=True)
-    assert calls == {"student": 1, "teacher": 2}
+    assert calls == {"student": [4], "teacher": [4 + 2]}
     assert out["terms"]["con"].item() > 0
 
 
