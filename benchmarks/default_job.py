@@ -2,6 +2,7 @@
 
     python benchmarks/default_job.py                         # against 55ea195, 2 rounds
     python benchmarks/default_job.py --old 25c0b97 --rounds 3 --args "--config configs/instance_zorb.yaml"
+    python benchmarks/default_job.py --old 5c271b8 --args=--robust    # one flag alone: with "="
 
 Each round runs, one after the other on the same machine, each as a fresh process the way a user
 types it (`python jobs/train.py ...`):
@@ -56,7 +57,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", default="55ea195", help="the commit to compare with (checked out in a temporary worktree)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of old, cold, warm")
-    ap.add_argument("--args", default="", help="jobs/train.py flags for every run, e.g. \"--config configs/instance_zorb.yaml\"")
+    ap.add_argument("--args", default="", help="jobs/train.py flags for every run, e.g. \"--config configs/instance_zorb.yaml\" (one flag alone: --args=--robust)")
     ap.add_argument("--output-dir", default="outputs/bench-default-job")
     args = ap.parse_args()
     if args.rounds < 1:

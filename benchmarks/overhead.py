@@ -135,7 +135,7 @@ def table(rounds: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a concept YAML (default: the default style concept)")
-    ap.add_argument("--args", default="", help="more jobs/train.py flags for both sides, e.g. \"--steps 50\"")
+    ap.add_argument("--args", default="", help="more jobs/train.py flags for both sides, e.g. \"--steps 50\" (one flag alone: --args=--robust)")
     ap.add_argument("--output-dir", default="outputs/bench-overhead")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the two sides this many times; report medians (default 1)")
