@@ -372,8 +372,7 @@ class Ablation:
             return _conditioning(_rows(h, idx), _rows(add, idx))
 
         def students(requests):
-            return _forward(self.student_fn, z_t, t, requests,
-                            lambda kind, idx: inputs(kind, idx, self.text_trainable and not isinstance(kind, tuple)))
+            return _forward(self.student_fn, z_t, t, requests, lambda kind, idx: inputs(kind, idx, self.text_trainable))
 
         @torch.no_grad()
         def teachers(requests):

@@ -185,8 +185,8 @@ class InnerAttacker:
         # Every inner step's rows, timesteps and noise, drawn from `gen` in the order the steps would
         # draw them one by one, so the draws are those of a step-by-step loop. The frozen model's goal
         # does not depend on the tokens, so the goals of all the steps come from batched forwards
-        # (TEACHER_ROWS rows each): on the toy UNet one forward of 64 rows takes 0.4x the time of 8 of
-        # 8 rows, and the goals were a third of a robust step's time.
+        # (TEACHER_ROWS rows each): on the toy UNet one forward of 64 rows takes 0.7x the time of 8 of
+        # 8 rows on one thread (0.4-0.5x on two), and the goals were a third of a robust step's time.
         draws = []
         for _ in range(cfg.robust_inner_steps):
             pick = abl[torch.randint(0, len(abl), (cfg.robust_batch_size,), generator=gen, device=dev)]
