@@ -129,9 +129,11 @@ class AblationConfig:
     robust_per_concept: bool = False
     robust_concepts_per_refresh: int = 1  # per concept: the step's least refreshed concepts each refresh trains (0: all)
     robust_every: int = 1  # refresh the attack every this many steps
-    robust_inner_steps: int = 8  # inner Adam steps per refresh (warm-started from the last refresh)
+    # inner Adam steps per refresh (warm-started from the last refresh), at robust_lr: 4 at 2e-2 hold the
+    # inversions as 8 at 1e-2 did, in 0.7x the training time (docs/measurements.md, session 44)
+    robust_inner_steps: int = 4
     robust_batch_size: int = 8  # rows per inner step (drawn from the step's ablation rows)
-    robust_lr: float = 1e-2
+    robust_lr: float = 2e-2
     # inner timesteps in [robust_t_min, num_train_timesteps): the high-noise steps where an image's
     # identity is decided (an inversion on [400, 1000) brought a robust zorb back in 16 %, on [0, 1000) in 0 %:
     # an inner attacker on [0, 1000) spent its steps where attacks are weak)
