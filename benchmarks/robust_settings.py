@@ -9,8 +9,9 @@ For each concept (`benchmarks/robustness.py`'s: striped, zorb, blix_v2, zorb_v2,
 setting (`;`-separated; each a `,`-separated list of `key=value` config fields, values read as YAML, or
 `defaults`)
 and each training seed, it runs the concept's robust job (`jobs/train.py --config <file> --no-resume
---seed S`, the file being the concept's config with `robust: true`, its `when_robust` fields and then
-the setting's written over it; a fresh process with its own local Ray; one job at a time), then
+--robust --seed S` as `benchmarks/robustness.py` runs its jobs, the file being the concept's config with
+`robust: true`, its `when_robust` fields and then the setting's written over it; a fresh process with its
+own local Ray; one job at a time), then
 attacks its delta with `benchmarks/robustness.py`'s inversions (4 vectors, 600 steps at batch 32,
 lr 1e-2, from the anchor word and from the target word on t in [400, 1000), random on [0, 1000); one
 inversion seed, `--attack-seed`), judged by the toy world's probe on `--images` images each.
@@ -29,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +109,11 @@ def attack(out: Path, quick: bool, seed: int, images: int, cache: dict, bases: d
 
 def job_summary(out: Path) -> dict:
     m = json.loads((out / "metrics.json").read_text())
-    kept = {k: m[k]["concept_rate_after"] / max(m[k]["concept_rate_before"], 1e-9) for k in m
-            if isinstance(m[k], dict) and (k == "anchor" or k.startswith("neighbours."))}
+    groups = R.job_groups(m)
+    kept = R.job_kept(groups)
     worst = min(kept, key=kept.get)
-    return {"target": m["target"]["concept_rate_after"], "paraphrase": m.get("paraphrases", {}).get("concept_rate_after"),
+    return {"target": groups["target"]["concept_rate_after"],
+            "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after"),
             "kept_min": round(kept[worst], 3), "kept_group": worst, "training_s": m["stage_seconds"]["training"]}
 
 
@@ -180,19 +180,15 @@ def main() -> int:
         except ConfigError as e:
             ap.error(f"--settings {label(settings[i])!r} on {n}: {e}")
     rows, cache, bases = [], {}, {}
+    log = lambda msg: print(f"[robust_settings] {msg}", flush=True)  # noqa: E731
     import torch
 
     torch.set_num_threads(2)
     for k, (name, i, seed) in enumerate(plans, 1):
         out = root / f"{name}_setting{i}_seed{seed}"
-        print(f"[robust_settings] {k}/{len(plans)} {name}, {label(settings[i])}, seed {seed}: robust job", flush=True)
-        t0 = time.time()
-        with open(root / f"{out.name}.log", "w") as f:
-            subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(root / f"{name}_setting{i}.yaml"),
-                            "--no-resume", "--seed", str(seed), "--output-dir", str(out)],
-                           check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        wall = time.time() - t0
-        print(f"[robust_settings]     {wall:.0f} s; attacking", flush=True)
+        log(f"{k}/{len(plans)} {name}, {label(settings[i])}, seed {seed}: robust job")
+        wall = R.run_job(str((root / f"{name}_setting{i}.yaml").resolve()), True, out, log, ["--seed", str(seed)])
+        log(f"    {wall:.0f} s; attacking")
         rows.append({"concept": name, "setting": settings[i], "seed": seed, "wall_s": wall, **job_summary(out),
                      "attacks": attack(out, args.quick, args.attack_seed, args.images, cache, bases)})
         (root / "robust_settings.json").write_text(json.dumps({"rows": rows}, indent=1))

@@ -97,6 +97,17 @@ def fidelity(pipe, spec, world, n: int, seed: int) -> float:
     return world.judge().fidelity(imgs, [lab for _, lab in rows])
 
 
+def job_groups(metrics: dict) -> dict:
+    """A job's metrics.json groups by name (target, anchor, neighbours.*, paraphrases)."""
+    return metrics["groups"] if "groups" in metrics else metrics
+
+
+def job_kept(groups: dict) -> dict:
+    """after/before concept rate of the anchor and every neighbour in a job's own evaluation."""
+    return {name: g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for name, g in groups.items()
+            if name == "anchor" or name.startswith("neighbours.")}
+
+
 def group_rate(pipe, group, seed: int, cfg, judge) -> float:
     """The concept rate of one evaluation group's prompts drawn by `pipe` (the evaluation's seeds)."""
     from rayablate.sampling import prompt_seed, sample_images
@@ -133,8 +144,7 @@ def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: 
     from rayablate.pipeline import apply_delta, load_pipeline
 
     m = json.loads((out / "metrics.json").read_text())
-    groups = m["groups"] if "groups" in m else m
-    keep = [g for name, g in groups.items() if name == "anchor" or name.startswith("neighbours.")]
+    groups = job_groups(m)
     edited = load_pipeline(sd)
     apply_delta(edited, str(out / "matcher_delta.safetensors"))
     old = m.get("attack")
@@ -158,7 +168,7 @@ def measure(cfg, world, sd: str, out: Path, base, base_cache, plan, log, reuse: 
                       base_cache.setdefault("kept_before", {}))
     return {"plain": groups["target"]["concept_rate_after"],
             "paraphrase": groups.get("paraphrases", {}).get("concept_rate_after"),
-            "preservation": min(g["concept_rate_after"] / max(g["concept_rate_before"], 1e-9) for g in keep),
+            "preservation": min(job_kept(groups).values()),
             "kept": kept, "preservation_large": min(k["kept"] for k in kept.values()),
             "fidelity": fidelity(edited, cfg.concept, world, plan.num_images * 2, 4242),
             "attacks": group["attacks"], "retrained_plain": group.get("retrained_plain_rate")}
