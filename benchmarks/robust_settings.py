@@ -19,8 +19,8 @@ inversion seed, `--attack-seed`), judged by the toy world's probe on `--images` 
 Printed side by side, one row per job: the three inversions' attacked rates, the job's own target and
 held-out paraphrase rates after, the lowest kept rate over its anchor and neighbours (its
 evaluation, 32 images a group), its training stage and wall seconds; then per setting the mean and
-the worst attacked rate over all its inversions and its mean training stage, and each setting's
-training stage as a ratio of the first setting's. A single inversion of one job moves by an image
+the worst attacked rate over all its inversions, the mean and the worst of its jobs' lowest kept
+rates, its mean training stage, and each setting's training stage as a ratio of the first setting's. A single inversion of one job moves by an image
 (3 points at 32 images): compare settings over several seeds and concepts, not one row.
 
 Writes robust_settings.json and robust_settings.md into --output-dir (jobs under it).
@@ -123,7 +123,9 @@ def summary(rows: list[dict], settings: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["setting"] == s]
         rates = [a["rate"] for r in mine for a in r["attacks"]]
         out.append({"setting": s, "jobs": len(mine), "attacked_mean": sum(rates) / len(rates),
-                    "attacked_worst": max(rates), "training_s": sum(r["training_s"] for r in mine) / len(mine)})
+                    "attacked_worst": max(rates), "kept_mean": sum(r["kept_min"] for r in mine) / len(mine),
+                    "kept_worst": min(r["kept_min"] for r in mine),
+                    "training_s": sum(r["training_s"] for r in mine) / len(mine)})
     first = out[0]["training_s"]
     for o in out:
         o["training_ratio"] = o["training_s"] / first
@@ -139,11 +141,11 @@ def markdown(rows: list[dict], summ: list[dict]) -> str:
                      + " / ".join(pct(a["rate"]) for a in r["attacks"])
                      + f" | {pct(r['target'])}, {pct(r['paraphrase'])} | {r['kept_min']:.2f} ({r['kept_group']}) | "
                      f"{r['training_s']:.0f} s | {r['wall_s']:.0f} s |")
-    lines += ["", "| setting | jobs | attacked, mean | attacked, worst | training (mean) | training / first setting's |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| setting | jobs | attacked, mean | attacked, worst | kept (min), mean / worst | training (mean) "
+                  "| training / first setting's |", "|---|---|---|---|---|---|---|"]
     for s in summ:
-        lines.append(f"| {label(s['setting'])} | {s['jobs']} | {pct(s['attacked_mean'])} | {pct(s['attacked_worst'])} | "
-                     f"{s['training_s']:.0f} s | **{s['training_ratio']:.2f}x** |")
+        lines.append(f"| {label(s['setting'])} | {s['jobs']} | {100 * s['attacked_mean']:.1f} % | {pct(s['attacked_worst'])} | "
+                     f"{s['kept_mean']:.2f} / {s['kept_worst']:.2f} | {s['training_s']:.0f} s | **{s['training_ratio']:.2f}x** |")
     return "\n".join(lines) + "\n"
 
 
