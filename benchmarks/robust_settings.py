@@ -20,8 +20,9 @@ Printed side by side, one row per job: the three inversions' attacked rates, the
 held-out paraphrase rates after, the lowest kept rate over its anchor and neighbours (its
 evaluation, 32 images a group), its training stage and wall seconds; then per setting the mean and
 the worst attacked rate over all its inversions, the mean and the worst of its jobs' lowest kept
-rates, its mean training stage, and each setting's training stage as a ratio of the first setting's. A single inversion of one job moves by an image
-(3 points at 32 images): compare settings over several seeds and concepts, not one row.
+rates, its mean training stage, and each setting's training stage as a ratio of the first setting's.
+A single inversion of one job moves by an image (3 points at 32 images): compare settings over
+several seeds and concepts, not one row.
 
 Writes robust_settings.json and robust_settings.md into --output-dir (jobs under it).
 """
