@@ -3,6 +3,7 @@
     python benchmarks/robustness.py                 # both default concepts, the full attack suite
     python benchmarks/robustness.py --quick         # a smaller attack budget (a smoke run)
     python benchmarks/robustness.py --attack-seeds 0,1,2   # every inversion from 3 seeds: its spread (3x the attacks' time)
+    python benchmarks/robustness.py --num-vectors 16 --attack-steps 1800   # a larger inversion than robust mode trains against
     python benchmarks/robustness.py --concepts blix_v2   # world v2: blix, whose neighbours wear its hat
     python benchmarks/robustness.py --concepts blix_v2 \
         --retrained blix_v2=runs/pretrain_toy_v2_no-blix/bundle/sd   # + the floor: a model without blix
@@ -13,7 +14,8 @@ For each concept (world v1: the default style `striped` and `configs/instance_zo
 v2: `configs/instance_blix_v2.yaml` and `configs/instance_zorb_v2.yaml`, entangled characters whose
 held-out paraphrase is a description, and `configs/style_wavy_v2.yaml`, a style no kept concept carries) it runs the default job and the robust job (`jobs/train.py` and `jobs/train.py --robust`, each a fresh
 process with its own local Ray, timed; all jobs first, one after the other), then attacks both
-deltas with the same attacks (concept inversions of 4 vectors, 600 steps at batch 32, lr 1e-2,
+deltas with the same attacks (concept inversions of 4 vectors, 600 steps at batch 32, lr 1e-2 (`--num-vectors`,
+`--attack-steps`),
 from the anchor word on t in [400, 1000), from the target word, and random on t in [0, 1000);
 and the greedy prompt search), each also run on the base model as the sanity check. Printed per concept and mode:
 
@@ -63,14 +65,15 @@ def world_of(cfg):
     return world_for(cfg.model), str(found[1] / "sd")
 
 
-def suite(quick: bool, seeds: list[int] = (0,)):
-    """The attacks: each inversion once per inversion seed (`--attack-seeds`)."""
+def suite(quick: bool, seeds: list[int] = (0,), num_vectors: int = 4, steps: int = 600):
+    """The attacks: each inversion once per inversion seed (`--attack-seeds`), of `num_vectors` new
+    vectors for `steps` steps (robust mode's inner attacker trains 4 vectors)."""
     from rayablate.attack import InversionSettings, PromptSearchSettings
 
     if quick:
         return ([InversionSettings(steps=100, num_references=128, seed=s) for s in seeds],
                 PromptSearchSettings(length=1, candidates=8))
-    strong = dict(num_vectors=4, steps=600, batch_size=32, lr=1e-2, t_max=1000)
+    strong = dict(num_vectors=num_vectors, steps=steps, batch_size=32, lr=1e-2, t_max=1000)
     starts = [("anchor", 400), ("target", 400), ("random", 0)]  # (init, t_min)
     return ([InversionSettings(**strong, init=i, t_min=t, seed=s) for i, t in starts for s in seeds],
             PromptSearchSettings(length=2, candidates=32))
@@ -183,6 +186,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--attack-seeds", default="0",
                     help="inversion seeds, comma-separated: each inversion runs once per seed (0,1,2: the spread)")
+    ap.add_argument("--num-vectors", type=int, default=4,
+                    help="new token vectors of each inversion (default 4, the size of robust mode's inner attacker)")
+    ap.add_argument("--attack-steps", type=int, default=600, help="optimizer steps of each inversion (default 600)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the attacks")
     ap.add_argument("--kept-images", type=int, default=96,
                     help="images per anchor / neighbour group of the larger preservation measurement")
@@ -200,6 +206,9 @@ def main() -> int:
     bad = [r for r in args.retrained if "=" not in r] + [n for n in retrained_sd if n not in names]
     if bad:
         ap.error(f"--retrained: {', '.join(bad)}: give NAME=SD with NAME one of --concepts")
+    for flag, value in (("--num-vectors", args.num_vectors), ("--attack-steps", args.attack_steps)):
+        if value < 1:
+            ap.error(f"{flag}: must be >= 1, not {value}")
     missing = [sd for sd in retrained_sd.values() if not Path(sd, "model_index.json").exists()]
     if missing:
         ap.error(f"--retrained: not a diffusers folder: {', '.join(missing)}")
@@ -221,7 +230,7 @@ def main() -> int:
     out_root = Path(args.output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robustness] {msg}", flush=True)  # noqa: E731
-    inversions, prompt = suite(args.quick, seeds)
+    inversions, prompt = suite(args.quick, seeds, args.num_vectors, args.attack_steps)
     results: dict = {}
     walls: dict = {}
     for name in names:  # the jobs first, all in a row: their wall times are measured alike
