@@ -206,9 +206,6 @@ def main() -> int:
     bad = [r for r in args.retrained if "=" not in r] + [n for n in retrained_sd if n not in names]
     if bad:
         ap.error(f"--retrained: {', '.join(bad)}: give NAME=SD with NAME one of --concepts")
-    for flag, value in (("--num-vectors", args.num_vectors), ("--attack-steps", args.attack_steps)):
-        if value < 1:
-            ap.error(f"{flag}: must be >= 1, not {value}")
     missing = [sd for sd in retrained_sd.values() if not Path(sd, "model_index.json").exists()]
     if missing:
         ap.error(f"--retrained: not a diffusers folder: {', '.join(missing)}")
@@ -217,6 +214,9 @@ def main() -> int:
 
     try:
         seeds = parse_attack_seeds(args.attack_seeds)
+        inversions, prompt = suite(args.quick, seeds, args.num_vectors, args.attack_steps)
+        for s in inversions:  # --num-vectors, --attack-steps: checked before any job runs
+            s.check()
     except ConfigError as e:
         ap.error(str(e))
 
@@ -230,7 +230,6 @@ def main() -> int:
     out_root = Path(args.output_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[robustness] {msg}", flush=True)  # noqa: E731
-    inversions, prompt = suite(args.quick, seeds, args.num_vectors, args.attack_steps)
     results: dict = {}
     walls: dict = {}
     for name in names:  # the jobs first, all in a row: their wall times are measured alike
