@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="which toy world (default v1, the bundled one)")
     ap.add_argument("--work-dir", default=None,
-                    help="intermediate files and resumable checkpoints (default runs/pretrain_toy, runs/pretrain_toy_v2)")
+                    help="intermediate files and resumable checkpoints (default runs/pretrain_toy, runs/pretrain_toy_v2; "
+                         "with --exclude, runs/pretrain_toy[_v2]_no-<concepts>)")
     ap.add_argument("--output-dir", default=None, help="where the bundle is written (default: the world's bundled one)")
     ap.add_argument("--warm-start", default=None,
                     help="a bundle folder whose VAE, UNet and text encoder to start from (v2 default: the v1 bundle; "
@@ -74,9 +75,11 @@ def main(argv=None) -> int:
                            "clip_steps": (1200, 4000), "vae_steps": (1500, 600)}.items():
         if getattr(args, name) is None:
             setattr(args, name, d2 if v2 else d1)
-    args.work_dir = args.work_dir or ("runs/pretrain_toy_v2" if v2 else "runs/pretrain_toy")
+    if args.work_dir is None:  # a folder the user names is used as named
+        args.work_dir = "runs/pretrain_toy_v2" if v2 else "runs/pretrain_toy"
+        if args.exclude:
+            args.work_dir = f"{args.work_dir}_no-{'-'.join(args.exclude)}"
     if args.exclude:
-        args.work_dir = f"{args.work_dir}_no-{'-'.join(args.exclude)}"
         args.output_dir = args.output_dir or str(Path(args.work_dir, "bundle"))
         if Path(args.output_dir).resolve() in {p.resolve() for p in BUNDLE_DIRS.values()}:
             ap.error("--output-dir: a model retrained with --exclude must not replace a bundled world")

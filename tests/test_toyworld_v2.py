@@ -230,4 +230,15 @@ def test_exclude_refuses_what_would_not_be_a_clean_reference(tmp_path, capsys, a
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {field}" in err and says in err
-    assert not (tmp_path / "w_no-blix").exists() and not (tmp_path / "w_no-circle").exists()
+    assert not (tmp_path / "w").exists()  # refused before anything is written (and a named --work-dir is kept)
+
+
+def test_exclude_writes_into_the_work_dir_the_user_names(tmp_path):
+    """--work-dir is used as given with --exclude (only the default gets the _no-<concepts> suffix)."""
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "pretrain_toy.py"))["main"]
+    main(["--work-dir", str(tmp_path / "w"), "--exclude", "striped", "--stages", "data", "--num-images", "40",
+          "--skip-quality"])
+    assert (tmp_path / "w" / "data.npz").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]
