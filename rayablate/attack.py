@@ -553,15 +553,37 @@ def save_attack_grid(rows: list[tuple[str, np.ndarray]], path: Path, per_row: in
     return save_grid([imgs[:per_row] for _, imgs in rows], path, labels=[label for label, _ in rows])
 
 
+def save_attack_images(rows: list[tuple[str, np.ndarray]], path: Path) -> Path:
+    """Every row's images (uint8 NxHxWx3) with its label, as one .npz (`label<i>`, `images<i>`), so a
+    second judge can look at all of them later (the grid shows 8 a row); `load_attack_images` reads it."""
+    from .files import atomic
+
+    arrays = {}
+    for i, (label, imgs) in enumerate(rows):
+        arrays[f"label{i}"] = np.array(label)
+        arrays[f"images{i}"] = np.asarray(imgs, dtype=np.uint8)
+    with atomic(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return path
+
+
+def load_attack_images(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """[(label, uint8 NxHxWx3)] in row order, from `save_attack_images`' file."""
+    with np.load(path) as z:
+        return [(str(z[f"label{i}"]), z[f"images{i}"]) for i in range(len(z.files) // 2)]
+
+
 def write_outputs(out: Path, group: dict, rows: list[tuple[str, np.ndarray]]) -> None:
     """The `attack` group into out/metrics.json (merged into a run's own), the robustness section
-    into out/report.md (replacing an earlier one) and out/attack_grid.png."""
+    into out/report.md (replacing an earlier one), out/attack_grid.png and every image behind it in
+    out/attack_images.npz."""
     import json
 
     from .files import write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     save_attack_grid(rows, out / "attack_grid.png")
+    save_attack_images(rows, out / "attack_images.npz")
     mpath = out / "metrics.json"
     metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
     metrics["attack"] = group

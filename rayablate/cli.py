@@ -240,7 +240,7 @@ def _train(argv) -> int:
 
         curve = "" if cfg.method == "closed-form" else " loss_curve.png,"
         say(f"results in {out}: metrics.json, report.md, grid.png,{curve} matcher_delta.safetensors"
-            + (", exports/" if args.export else "") + (", attack_grid.png" if plan is not None else "")
+            + (", exports/" if args.export else "") + (", attack_grid.png, attack_images.npz" if plan is not None else "")
             + ("" if is_verbose() else ", logs/ (everything the console did not show)"))
 
     return guarded(run, args.verbose)
@@ -289,7 +289,7 @@ def _evaluate(argv) -> int:
 def attack_run(cfg, plan, out: Path, delta: str | None, base_model: str | None = None,
                retrained_model: str | None = None) -> dict:
     """Attack model (+ delta) for cfg's concept, and `retrained_model` (trained without it) when given;
-    write metrics.json's `attack`, report.md, attack_grid.png."""
+    write metrics.json's `attack`, report.md, attack_grid.png, attack_images.npz."""
     import torch
 
     from .attack import run_attacks, write_outputs
@@ -326,7 +326,8 @@ def _attack(argv) -> int:
         "Attack an ablated model and report how much of the concept comes back: concept inversion "
         "(textual inversion of new tokens on images of the concept) and a greedy prompt search over the "
         "vocabulary, each also against the base model (the sanity check). Writes metrics.json (attack), "
-        "report.md (robustness section) and attack_grid.png into --output-dir. Runs in this process (no Ray)."))
+        "report.md (robustness section), attack_grid.png and attack_images.npz (every attacked image, for "
+        "a second judge) into --output-dir. Runs in this process (no Ray)."))
     add_common_flags(ap)
     ap.add_argument("--delta", help="matcher_delta.safetensors to attack (applied to --model); without it the "
                                     "pipeline --model itself is attacked")
@@ -357,7 +358,7 @@ def _attack(argv) -> int:
             check_delta_fits(args.delta, models.model_path)
         out = Path(args.output_dir or "outputs/attack")
         attack_run(cfg, plan, out, args.delta, args.base_model, args.retrained_model)
-        print(f"results in {out}: metrics.json (attack), report.md, attack_grid.png")
+        print(f"results in {out}: metrics.json (attack), report.md, attack_grid.png, attack_images.npz")
 
     return guarded(run)
 

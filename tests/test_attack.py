@@ -309,6 +309,10 @@ def test_attack_job_writes_the_attack_group_report_section_and_grid(tmp_path, ca
     report = (out / "report.md").read_text()
     assert "## Robustness under attack" in report and "attack_grid.png" in report
     assert (out / "attack_grid.png").stat().st_size > 1000
+    saved = A.load_attack_images(out / "attack_images.npz")  # every attacked image, for a second judge
+    assert len(saved) == 1 + len(group["attacks"]) and saved[0][0] == "plain word"
+    assert all(label.startswith(a["label"]) for (label, _), a in zip(saved[1:], group["attacks"]))  # (+ the prompt's words)
+    assert all(imgs.shape == (8, 32, 32, 3) and imgs.dtype == np.uint8 for _, imgs in saved)
 
 
 @pytest.mark.slow
