@@ -4,6 +4,8 @@
         --concepts striped,zorb --seeds 0,1                  # how session 44 chose robust mode's inner attacker
     python benchmarks/robust_settings.py --settings "w_robust=1;w_robust=3" --concepts zorb --seeds 0
     python benchmarks/robust_settings.py --settings "robust_inner_steps=1" --steps 10 --quick   # a smoke run
+    python benchmarks/robust_settings.py --settings "defaults;robust_vectors=16,steps=400" --concepts striped \\
+        --num-vectors 16 --attack-steps 1800                 # against a 4x larger inversion (session 48)
 
 For each concept (`benchmarks/robustness.py`'s: striped, zorb, blix_v2, zorb_v2, wavy_v2), each
 setting (`;`-separated; each a `,`-separated list of `key=value` config fields, values read as YAML, or
@@ -14,7 +16,10 @@ and each training seed, it runs the concept's robust job (`jobs/train.py --confi
 own local Ray; one job at a time), then
 attacks its delta with `benchmarks/robustness.py`'s inversions (4 vectors, 600 steps at batch 32,
 lr 1e-2, from the anchor word and from the target word on t in [400, 1000), random on [0, 1000); one
-inversion seed, `--attack-seed`), judged by the toy world's probe on `--images` images each.
+inversion seed, `--attack-seed`; `--num-vectors` and `--attack-steps` for a larger attacker than
+robust mode trains against), judged by the toy world's probe on `--images` images each. Each job's
+attack outputs (report, grid, every attacked image) go to <job>/attack: `benchmarks/stripe_judge.py`
+judges striped's images a second way.
 
 Printed side by side, one row per job: the three inversions' attacked rates, the job's own target and
 held-out paraphrase rates after, the lowest kept rate over its anchor and neighbours (its
@@ -90,8 +95,9 @@ def job_config(name: str, setting: dict, steps: int | None, path: Path) -> Path:
     return path
 
 
-def attack(out: Path, quick: bool, seed: int, images: int, cache: dict, bases: dict) -> list[dict]:
-    from rayablate.attack import AttackPlan, run_attacks
+def attack(out: Path, inversions: list, images: int, cache: dict, bases: dict) -> list[dict]:
+    """The job's delta under `inversions`; the attack's outputs (report, grid, every image) in out/attack."""
+    from rayablate.attack import AttackPlan, run_attacks, write_outputs
     from rayablate.config import load_config
     from rayablate.pipeline import apply_delta, load_pipeline
 
@@ -101,9 +107,10 @@ def attack(out: Path, quick: bool, seed: int, images: int, cache: dict, bases: d
         bases[sd] = load_pipeline(sd)
     pipe = load_pipeline(sd)
     apply_delta(pipe, str(out / "matcher_delta.safetensors"))
-    plan = AttackPlan(inversions=R.suite(quick, [seed])[0], prompt=None, num_images=images, seed=cfg.eval_seed)
-    group, _ = run_attacks(pipe, bases[sd], cfg.concept, world, plan, None, "cpu", lambda m: None,
-                           cache.setdefault(sd, {}))
+    plan = AttackPlan(inversions=inversions, prompt=None, num_images=images, seed=cfg.eval_seed)
+    group, rows = run_attacks(pipe, bases[sd], cfg.concept, world, plan, None, "cpu", lambda m: None,
+                              cache.setdefault(sd, {}))
+    write_outputs(out / "attack", group, rows)
     return [{"init": a["settings"]["init"], "rate": a["concept_rate"], "base_rate": a["base_rate"]}
             for a in group["attacks"]]
 
@@ -160,7 +167,11 @@ def main() -> int:
     ap.add_argument("--attack-seed", type=int, default=0, help="the inversions' seed")
     ap.add_argument("--images", type=int, default=32, help="images per attack")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the robust job's own)")
-    ap.add_argument("--quick", action="store_true", help="the short inversions of robustness.py --quick (a smoke run)")
+    ap.add_argument("--num-vectors", type=int, default=4,
+                    help="new vectors per inversion (robust mode's inner attacker trains robust_vectors: 4)")
+    ap.add_argument("--attack-steps", type=int, default=600, help="steps per inversion")
+    ap.add_argument("--quick", action="store_true",
+                    help="the short inversions of robustness.py --quick (a smoke run; ignores the two above)")
     ap.add_argument("--output-dir", default="outputs/robust_settings")
     args = ap.parse_args()
     names = [n for n in args.concepts.split(",") if n]
@@ -172,11 +183,17 @@ def main() -> int:
     except ValueError:
         ap.error(f"--seeds: expected comma-separated integers, not {args.seeds!r}")
     settings = parse_settings(args.settings)
+    from rayablate.config import ConfigError
+
+    try:
+        inversions = R.suite(args.quick, [args.attack_seed], args.num_vectors, args.attack_steps)[0]
+        for inv in inversions:  # --num-vectors, --attack-steps: checked before any job runs
+            inv.check()
+    except ConfigError as e:
+        ap.error(str(e))
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     plans = [(n, i, s) for n in names for i in range(len(settings)) for s in seeds]
-    from rayablate.config import ConfigError
-
     for n, i, _ in plans:  # every config checked before the first job
         try:
             job_config(n, settings[i], args.steps, root / f"{n}_setting{i}.yaml")
@@ -193,7 +210,7 @@ def main() -> int:
         wall = R.run_job(str((root / f"{name}_setting{i}.yaml").resolve()), True, out, log, ["--seed", str(seed)])
         log(f"    {wall:.0f} s; attacking")
         rows.append({"concept": name, "setting": settings[i], "seed": seed, "wall_s": wall, **job_summary(out),
-                     "attacks": attack(out, args.quick, args.attack_seed, args.images, cache, bases)})
+                     "attacks": attack(out, inversions, args.images, cache, bases)})
         (root / "robust_settings.json").write_text(json.dumps({"rows": rows}, indent=1))
     summ = summary(rows, settings)
     table = markdown(rows, summ)
