@@ -33,7 +33,12 @@ and the greedy prompt search), each also run on the base model as the sanity che
 - with `--retrained NAME=SD`, a last column: the same attacks on a model trained without the concept
   (`jobs/pretrain_toy.py --exclude`), what its kept concepts alone bring back (the floor).
 
-Writes the numbers to --output-dir/robustness.json and a markdown table to robustness.md.
+For striped, a second table after it: every attacked row's rate by the probe and by a second judge
+that sees only horizontal stripes (`benchmarks/stripe_judge.py`). The probe calls the striped floor's
+dotted and checkered grids striped, and attacked models' broken stripes dotted.
+
+Writes the numbers to --output-dir/robustness.json and a markdown table to robustness.md; every
+attack's outputs (report, grid, every attacked image) into its job's folder.
 """
 from __future__ import annotations
 
@@ -269,9 +274,30 @@ def main() -> int:
         res["kept_images"] = args.kept_images
     (out_root / "robustness.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
+    if "striped" in names:
+        table += "\n\n" + stripe_table(out_root / "striped")
     (out_root / "robustness.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def stripe_table(folder: Path) -> str:
+    """striped's attacked rows by the probe and by `stripe_judge` (horizontal stripes only), from the
+    default and robust jobs' attack_images.npz."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stripe_judge
+
+    from rayablate.attack import load_attack_images
+    from rayablate.worlds import world_for
+
+    probe = world_for("").judge()
+    lines = ["| striped, attacked images | probe: striped | second judge: horizontal stripes |", "|---|---|---|"]
+    for mode in ("default", "robust"):
+        path = folder / mode / "attack_images.npz"
+        for label, imgs in load_attack_images(path) if path.exists() else []:
+            lines.append(f"| {mode}: {label} | {100 * probe.concept_rate(imgs, 'striped'):.0f} % | "
+                         f"{100 * stripe_judge.striped(imgs).mean():.0f} % |")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
