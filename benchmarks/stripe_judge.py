@@ -1,7 +1,8 @@
 """A second judge of world v1's stripes, beside the probe, for attacked images.
 
     python benchmarks/stripe_judge.py outputs/attack                    # a `jobs/attack.py` output folder
-    python benchmarks/stripe_judge.py runs/rob/striped/robust/attack runs/rob/striped/retrained/attack.npz
+    python benchmarks/stripe_judge.py outputs/bench-robustness/striped/robust \\
+        outputs/robust_settings/striped_setting0_seed0/attack/attack_images.npz   # folders or .npz files
 
 The probe learned four patterns (plain, striped, dotted, checkered) and must call every image one of
 them. An inversion against a model that never learned stripes (the floor: `jobs/pretrain_toy.py
