@@ -294,9 +294,9 @@ def stripe_table(folder: Path) -> str:
     lines = ["| striped, attacked images | probe: striped | second judge: horizontal stripes |", "|---|---|---|"]
     for mode in ("default", "robust"):
         path = folder / mode / "attack_images.npz"
-        for label, imgs in load_attack_images(path) if path.exists() else []:
-            lines.append(f"| {mode}: {label} | {100 * probe.concept_rate(imgs, 'striped'):.0f} % | "
-                         f"{100 * stripe_judge.striped(imgs).mean():.0f} % |")
+        rows = load_attack_images(path) if path.exists() else []
+        for label, _, by_probe, by_judge in stripe_judge.row_rates(probe, rows):
+            lines.append(f"| {mode}: {label} | {100 * by_probe:.0f} % | {100 * by_judge:.0f} % |")
     return "\n".join(lines)
 
 

@@ -71,6 +71,12 @@ def clean_renders(pattern: str, n: int = 128, seed: int = 5) -> np.ndarray:
     return np.stack(out)
 
 
+def row_rates(probe, rows: list[tuple[str, np.ndarray]]) -> list[tuple[str, int, float, float]]:
+    """Per (label, images) row: (label, image count, the probe's striped rate, this judge's rate)."""
+    return [(label, len(imgs), probe.concept_rate(imgs, "striped"), float(striped(imgs).mean()))
+            for label, imgs in rows]
+
+
 def read_rows(path: str | Path) -> list[tuple[str, np.ndarray]]:
     """An attack output folder (its attack_images.npz) or the .npz itself -> [(label, images)]."""
     from rayablate.attack import load_attack_images
@@ -95,19 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     width = max([40] + [len(label) + 2 for _, rows in rows_by_path for label, _ in rows])
     print(f"{'images':{width}s} {'n':>4s} {'probe: striped':>15s} {'judge: stripes':>15s}")
 
-    def line(name: str, imgs: np.ndarray) -> None:
-        print(f"{name:{width}s} {len(imgs):4d} {probe.concept_rate(imgs, 'striped'):15.2f} "
-              f"{striped(imgs).mean():15.2f}", flush=True)
+    def lines(rows: list[tuple[str, np.ndarray]]) -> None:
+        for label, n, by_probe, by_judge in row_rates(probe, rows):
+            print(f"{'  ' + label:{width}s} {n:4d} {by_probe:15.2f} {by_judge:15.2f}", flush=True)
 
     from rayablate.toyworld.world import by_name
 
     print("clean world-v1 renders (the judge's self-check)")
-    for pattern in by_name("v1").values("pattern"):
-        line(f"  {pattern}", clean_renders(pattern, args.calibration_images))
+    lines([(pattern, clean_renders(pattern, args.calibration_images)) for pattern in by_name("v1").values("pattern")])
     for path, rows in rows_by_path:
         print(path)
-        for label, imgs in rows:
-            line(f"  {label}", imgs)
+        lines(rows)
     return 0
 
 

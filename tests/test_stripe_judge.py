@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from rayablate.attack import save_attack_images
 
@@ -39,7 +40,5 @@ def test_the_command_reads_an_attack_folder_and_prints_both_judges_per_row(tmp_p
 
 
 def test_a_folder_without_attack_images_is_named_in_the_error(tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit, match=str(tmp_path)):
         J.main([str(tmp_path)])
